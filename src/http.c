@@ -1,0 +1,512 @@
+/*-------------------------------------------------------------------------
+ *
+ * http.c
+ *	  HTTPS requests to the digi.me API from inside a backend, with libcurl.
+ *
+ * One curl multi handle and one easy handle live for the whole backend,
+ * so connections (and TLS sessions) are kept alive between calls.  The
+ * transfer is driven by curl_multi_poll in 100 ms slices with
+ * CHECK_FOR_INTERRUPTS() between them, and the progress callback aborts the
+ * transfer as soon as a cancel or termination is pending; so query cancel
+ * and statement_timeout stop a hanging request within about 0.1 s.  Any
+ * failure, including an interrupt, discards both handles: a connection in
+ * an unknown state is never reused.
+ *
+ * Safety: CURLOPT_NOSIGNAL (the backend owns SIGALRM), TLS peer and host
+ * verification always on, no redirects, http only where the URL checks of
+ * url.c allowed it, answers capped at 1 MB.
+ *
+ * Retries (README, "Retries"): up to digime.retry_limit more attempts, each
+ * rebuilt (so re-signed) by the caller's build callback.
+ *	- DM_RETRY_IDEMPOTENT: connection failures, timeouts, and HTTP
+ *	  429/502/503/504.
+ *	- DM_RETRY_UNPROCESSED (calls that consume a one-time code or refresh
+ *	  token): only failures where the request provably never reached the
+ *	  API (nothing sent: DNS, connect, TLS handshake) and HTTP 429 or 503,
+ *	  which say the request was not processed.
+ * Back-off: 500 ms doubling up to 8 s, plus up to 100 ms jitter; a
+ * Retry-After of up to 10 s is honoured, a longer one ends the retries.
+ *
+ * IDENTIFICATION
+ *	  src/http.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "digime.h"
+
+#include "common/pg_prng.h"
+#include "miscadmin.h"
+#include "storage/latch.h"
+#include "utils/timestamp.h"
+#include "utils/wait_event.h"
+
+#include <curl/curl.h>
+
+#define DM_MAX_RESPONSE_BYTES	(1024 * 1024)
+#define DM_POLL_MS				100
+#define DM_BACKOFF_BASE_MS		500
+#define DM_BACKOFF_CAP_MS		8000
+#define DM_RETRY_AFTER_CAP_MS	10000
+
+static CURLM *dm_multi = NULL;
+static CURL *dm_easy = NULL;
+
+typedef enum XferResult
+{
+	XFER_OK,
+	XFER_DNS,
+	XFER_CONNECT,
+	XFER_TLS,					/* handshake failed */
+	XFER_TLS_VERIFY,			/* certificate not trusted */
+	XFER_CA_FILE,				/* digime.ca_file unusable */
+	XFER_TIMEOUT,
+	XFER_NETWORK,				/* connection failed after connecting */
+	XFER_TOO_LARGE,
+	XFER_ABORTED
+} XferResult;
+
+typedef struct Attempt
+{
+	XferResult	result;
+	bool		request_sent;
+	char		errbuf[CURL_ERROR_SIZE];
+} Attempt;
+
+typedef struct WriteTarget
+{
+	StringInfo	body;
+	bool		too_large;
+} WriteTarget;
+
+void
+dm_http_reset(void)
+{
+	if (dm_multi != NULL && dm_easy != NULL)
+		curl_multi_remove_handle(dm_multi, dm_easy);
+	if (dm_easy != NULL)
+		curl_easy_cleanup(dm_easy);
+	if (dm_multi != NULL)
+		curl_multi_cleanup(dm_multi);
+	dm_easy = NULL;
+	dm_multi = NULL;
+}
+
+static size_t
+write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	WriteTarget *t = (WriteTarget *) userdata;
+	size_t		n = size * nmemb;
+
+	if (t->body->len + n > DM_MAX_RESPONSE_BYTES)
+	{
+		t->too_large = true;
+		return 0;				/* aborts the transfer */
+	}
+	appendBinaryStringInfo(t->body, ptr, n);
+	return n;
+}
+
+static int
+xferinfo_cb(void *p, curl_off_t dltotal, curl_off_t dlnow,
+			curl_off_t ultotal, curl_off_t ulnow)
+{
+	/* abort now; CHECK_FOR_INTERRUPTS() in the loop raises the real error */
+	return (QueryCancelPending || ProcDiePending) && INTERRUPTS_CAN_BE_PROCESSED();
+}
+
+/* Wipes header values (the Authorization header holds a JWS) and frees. */
+static void
+free_headers(struct curl_slist *headers)
+{
+	for (struct curl_slist *h = headers; h != NULL; h = h->next)
+		explicit_bzero(h->data, strlen(h->data));
+	curl_slist_free_all(headers);
+}
+
+static struct curl_slist *
+add_header(struct curl_slist *list, const char *header)
+{
+	struct curl_slist *n = curl_slist_append(list, header);
+
+	if (n == NULL)
+	{
+		free_headers(list);
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory")));
+	}
+	return n;
+}
+
+static char *
+response_header(const char *name)
+{
+	struct curl_header *h;
+
+	if (curl_easy_header(dm_easy, name, 0, CURLH_HEADER, -1, &h) == CURLHE_OK &&
+		h->value != NULL)
+		return pstrdup(h->value);
+	return NULL;
+}
+
+static XferResult
+classify(CURLcode rc, const WriteTarget *wt)
+{
+	switch (rc)
+	{
+		case CURLE_OK:
+			return XFER_OK;
+		case CURLE_COULDNT_RESOLVE_HOST:
+		case CURLE_COULDNT_RESOLVE_PROXY:
+			return XFER_DNS;
+		case CURLE_COULDNT_CONNECT:
+			return XFER_CONNECT;
+		case CURLE_OPERATION_TIMEDOUT:
+			return XFER_TIMEOUT;
+		case CURLE_SSL_CONNECT_ERROR:
+			return XFER_TLS;
+		case CURLE_PEER_FAILED_VERIFICATION:
+		case CURLE_SSL_CERTPROBLEM:
+		case CURLE_SSL_ISSUER_ERROR:
+		case CURLE_SSL_PINNEDPUBKEYNOTMATCH:
+		case CURLE_SSL_INVALIDCERTSTATUS:
+			return XFER_TLS_VERIFY;
+		case CURLE_SSL_CACERT_BADFILE:
+			return XFER_CA_FILE;
+		case CURLE_ABORTED_BY_CALLBACK:
+			return XFER_ABORTED;
+		case CURLE_FILESIZE_EXCEEDED:
+			return XFER_TOO_LARGE;
+		case CURLE_WRITE_ERROR:
+			return wt->too_large ? XFER_TOO_LARGE : XFER_NETWORK;
+		default:
+			return XFER_NETWORK;
+	}
+}
+
+#define SETOPT(opt, val) \
+	do { if (curl_easy_setopt(dm_easy, (opt), (val)) != CURLE_OK) setopt_failed = true; } while (0)
+
+/* One attempt.  Fills *a; on XFER_OK also *resp.  Raises only on interrupt/OOM. */
+static void
+perform_once(const DmHttpRequest *req, DmHttpResponse *resp, Attempt *a)
+{
+	struct curl_slist *volatile headers = NULL;
+	WriteTarget wt;
+	bool		setopt_failed = false;
+	CURLMcode	mc = CURLM_OK;
+	CURLcode	rc = CURLE_FAILED_INIT;
+	CURLMsg    *msg;
+	int			left;
+	long		sent = 0;
+	char	   *auth = NULL;
+
+	memset(a, 0, sizeof(*a));
+	memset(resp, 0, sizeof(*resp));
+	initStringInfo(&resp->body);
+	wt.body = &resp->body;
+	wt.too_large = false;
+
+	if (dm_multi == NULL)
+		dm_multi = curl_multi_init();
+	if (dm_easy == NULL)
+		dm_easy = curl_easy_init();
+	if (dm_multi == NULL || dm_easy == NULL)
+	{
+		dm_http_reset();
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl handle")));
+	}
+	curl_easy_reset(dm_easy);
+
+	if (req->bearer != NULL)
+		auth = psprintf("Authorization: Bearer %s", req->bearer);
+	headers = add_header(headers, "Accept: application/json");
+	if (auth != NULL)
+		headers = add_header(headers, auth);
+	if (strcmp(req->method, "POST") == 0)
+		headers = add_header(headers, req->body ? "Content-Type: application/json" : "Content-Type:");
+	headers = add_header(headers, "Expect:");
+	if (auth != NULL)
+		dm_secret_free(auth);
+
+	SETOPT(CURLOPT_NOSIGNAL, 1L);
+	SETOPT(CURLOPT_URL, req->url);
+	SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+	SETOPT(CURLOPT_SSL_VERIFYPEER, 1L);
+	SETOPT(CURLOPT_SSL_VERIFYHOST, 2L);
+	SETOPT(CURLOPT_SSLVERSION, (long) CURL_SSLVERSION_TLSv1_2);
+	if (dm_ca_file != NULL && dm_ca_file[0] != '\0')
+		SETOPT(CURLOPT_CAINFO, dm_ca_file);
+	SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) dm_connect_timeout_ms);
+	SETOPT(CURLOPT_TIMEOUT_MS, (long) dm_timeout_ms);
+	SETOPT(CURLOPT_HTTPHEADER, (struct curl_slist *) headers);
+	SETOPT(CURLOPT_USERAGENT, "digime/" DIGIME_VERSION " (PostgreSQL extension)");
+	SETOPT(CURLOPT_ACCEPT_ENCODING, "");
+	SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) DM_MAX_RESPONSE_BYTES);
+	SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
+	SETOPT(CURLOPT_WRITEDATA, &wt);
+	SETOPT(CURLOPT_NOPROGRESS, 0L);
+	SETOPT(CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
+	SETOPT(CURLOPT_ERRORBUFFER, a->errbuf);
+	if (strcmp(req->method, "POST") == 0)
+	{
+		SETOPT(CURLOPT_POST, 1L);
+		SETOPT(CURLOPT_POSTFIELDS, req->body ? req->body : "");
+		SETOPT(CURLOPT_POSTFIELDSIZE, (long) (req->body ? strlen(req->body) : 0));
+	}
+	else
+		SETOPT(CURLOPT_HTTPGET, 1L);
+
+	if (setopt_failed || curl_multi_add_handle(dm_multi, dm_easy) != CURLM_OK)
+	{
+		free_headers(headers);
+		dm_http_reset();
+		elog(ERROR, "could not configure the libcurl handle");
+	}
+
+	PG_TRY();
+	{
+		pgstat_report_wait_start(PG_WAIT_EXTENSION);
+		for (;;)
+		{
+			int			running = 0;
+
+			CHECK_FOR_INTERRUPTS();
+			mc = curl_multi_perform(dm_multi, &running);
+			if (mc != CURLM_OK || running == 0)
+				break;
+			mc = curl_multi_poll(dm_multi, NULL, 0, DM_POLL_MS, NULL);
+			if (mc != CURLM_OK)
+				break;
+		}
+		CHECK_FOR_INTERRUPTS();
+		pgstat_report_wait_end();
+	}
+	PG_CATCH();
+	{
+		free_headers(headers);
+		dm_http_reset();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	while ((msg = curl_multi_info_read(dm_multi, &left)) != NULL)
+		if (msg->msg == CURLMSG_DONE && msg->easy_handle == dm_easy)
+			rc = msg->data.result;
+	if (mc != CURLM_OK)
+		strlcpy(a->errbuf, curl_multi_strerror(mc), sizeof(a->errbuf));
+	else if (a->errbuf[0] == '\0')
+		strlcpy(a->errbuf, curl_easy_strerror(rc), sizeof(a->errbuf));
+
+	a->result = mc != CURLM_OK ? XFER_NETWORK : classify(rc, &wt);
+	if (curl_easy_getinfo(dm_easy, CURLINFO_REQUEST_SIZE, &sent) != CURLE_OK)
+		sent = 1;				/* unknown: assume it was sent */
+	a->request_sent = sent > 0;
+
+	if (a->result == XFER_OK)
+	{
+		char	   *ct = NULL;
+
+		curl_easy_getinfo(dm_easy, CURLINFO_RESPONSE_CODE, &resp->status);
+		if (curl_easy_getinfo(dm_easy, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK && ct)
+			resp->content_type = pstrdup(ct);
+		resp->x_error_code = response_header("X-Error-Code");
+		resp->x_error_message = response_header("X-Error-Message");
+		resp->x_error_reference = response_header("X-Error-Reference");
+		resp->retry_after = response_header("Retry-After");
+	}
+
+	curl_multi_remove_handle(dm_multi, dm_easy);
+	curl_easy_setopt(dm_easy, CURLOPT_ERRORBUFFER, NULL);
+	free_headers(headers);
+	if (a->result != XFER_OK)
+		dm_http_reset();
+}
+
+/* Sleeps ms milliseconds, or less if interrupted (then raises). */
+static void
+sleep_interruptible(long ms)
+{
+	TimestampTz end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+
+	for (;;)
+	{
+		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), end);
+
+		if (left <= 0)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 left, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
+}
+
+static long
+backoff_ms(int attempt)
+{
+	long		ms = DM_BACKOFF_BASE_MS;
+
+	for (int i = 0; i < attempt && ms < DM_BACKOFF_CAP_MS; i++)
+		ms *= 2;
+	return Min(ms, DM_BACKOFF_CAP_MS) + (long) (pg_prng_uint32(&pg_global_prng_state) % 101);
+}
+
+/* Retry-After in ms (delta-seconds or HTTP-date), -1 when absent/unparsable. */
+static long
+retry_after_ms(const char *value)
+{
+	char	   *end;
+	long		secs;
+
+	if (value == NULL)
+		return -1;
+	secs = strtol(value, &end, 10);
+	if (end != value && *end == '\0' && secs >= 0)
+		return secs > LONG_MAX / 1000 ? LONG_MAX : secs * 1000;
+	else
+	{
+		time_t		when = curl_getdate(value, NULL);
+
+		if (when == -1)
+			return -1;
+		return Max((long) (when - time(NULL)), 0L) * 1000;
+	}
+}
+
+static bool
+retryable_status(long status, DmRetryPolicy policy)
+{
+	if (status == 429 || status == 503)
+		return true;
+	return policy == DM_RETRY_IDEMPOTENT && (status == 502 || status == 504);
+}
+
+static bool
+retryable_failure(const Attempt *a, DmRetryPolicy policy)
+{
+	switch (a->result)
+	{
+		case XFER_DNS:
+		case XFER_CONNECT:
+		case XFER_TLS:
+			return true;
+		case XFER_TIMEOUT:
+		case XFER_NETWORK:
+			return !a->request_sent || policy == DM_RETRY_IDEMPOTENT;
+		default:
+			return false;
+	}
+}
+
+static void
+raise_transport(const Attempt *a, const DmHttpRequest *req, int attempts)
+{
+	int			sqlstate = ERRCODE_CONNECTION_FAILURE;
+	const char *msg;
+	const char *hint = NULL;
+
+	switch (a->result)
+	{
+		case XFER_DNS:
+			sqlstate = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+			msg = "could not resolve the host name of the digi.me API";
+			break;
+		case XFER_CONNECT:
+			sqlstate = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+			msg = "could not connect to the digi.me API";
+			break;
+		case XFER_TLS:
+			sqlstate = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+			msg = "TLS handshake with the digi.me API failed";
+			break;
+		case XFER_TLS_VERIFY:
+			sqlstate = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+			msg = "could not verify the TLS certificate of the digi.me API";
+			hint = "If the API uses a private CA, set digime.ca_file to its PEM bundle.";
+			break;
+		case XFER_CA_FILE:
+			sqlstate = ERRCODE_CONFIG_FILE_ERROR;
+			msg = "could not load the CA bundle named by digime.ca_file";
+			break;
+		case XFER_TIMEOUT:
+			if (!a->request_sent)
+			{
+				sqlstate = ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+				msg = "connecting to the digi.me API timed out";
+				hint = "The limit is digime.connect_timeout_ms.";
+			}
+			else
+			{
+				msg = "request to the digi.me API timed out";
+				hint = "The limit is digime.timeout_ms.";
+			}
+			break;
+		case XFER_TOO_LARGE:
+			sqlstate = ERRCODE_DIGIME_MALFORMED_RESPONSE;
+			msg = "answer of the digi.me API is larger than 1 MB";
+			break;
+		case XFER_ABORTED:
+			sqlstate = ERRCODE_QUERY_CANCELED;
+			msg = "request to the digi.me API was interrupted";
+			break;
+		default:
+			msg = "connection to the digi.me API failed";
+			break;
+	}
+	ereport(ERROR,
+			(errcode(sqlstate),
+			 errmsg("%s", msg),
+			 errdetail_internal("%s %s, attempt %d: %s", req->method, req->url,
+								attempts, a->errbuf),
+			 hint ? errhint("%s", hint) : 0));
+}
+
+void
+dm_http_request(DmHttpBuild build, void *arg, DmRetryPolicy policy, DmHttpResponse *resp)
+{
+	for (int attempt = 0;; attempt++)
+	{
+		DmHttpRequest req;
+		Attempt		a;
+		bool		last = attempt >= dm_retry_limit;
+
+		memset(&req, 0, sizeof(req));
+		build(arg, attempt, &req);
+		perform_once(&req, resp, &a);
+		if (req.bearer != NULL)
+			dm_secret_free(req.bearer);
+
+		if (a.result == XFER_OK)
+		{
+			long		delay;
+
+			if (last || !retryable_status(resp->status, policy))
+				return;
+			delay = retry_after_ms(resp->retry_after);
+			if (delay > DM_RETRY_AFTER_CAP_MS)
+				return;			/* the server wants longer than we wait */
+			sleep_interruptible(delay >= 0 ? delay : backoff_ms(attempt));
+			continue;
+		}
+		if (last || !retryable_failure(&a, policy))
+			raise_transport(&a, &req, attempt + 1);
+		sleep_interruptible(backoff_ms(attempt));
+	}
+}
+
+bool
+dm_http_try_get(const char *url, DmHttpResponse *resp)
+{
+	DmHttpRequest req;
+	Attempt		a;
+
+	memset(&req, 0, sizeof(req));
+	req.method = "GET";
+	req.url = (char *) url;
+	perform_once(&req, resp, &a);
+	return a.result == XFER_OK;
+}

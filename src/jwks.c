@@ -1,0 +1,268 @@
+/*-------------------------------------------------------------------------
+ *
+ * jwks.c
+ *	  Verification of the API's response tokens against its JWKS.
+ *
+ * Stricter than the SDK (protocol §3.5, §8 #1-#4):
+ *	- alg must be PS512 with a 64-byte salt;
+ *	- the jku must be on the configured API's origin (scheme, host, port),
+ *	  checked before anything is fetched; redirects are not followed;
+ *	- keys come from a JWK's "pem" member (SPKI or PKCS#1) or its RFC 7517
+ *	  RSA members n/e;
+ *	- exp and nbf are enforced when present.
+ *
+ * Fetched key sets are cached per backend, keyed by URL, for
+ * digime.jwks_cache_ttl seconds; an unknown kid triggers one refetch per
+ * call.  Before a call that consumes a one-time code, the set at
+ * {base}jwks/oauth is prefetched so that a JWKS outage does not lose
+ * freshly issued tokens.
+ *
+ * IDENTIFICATION
+ *	  src/jwks.c
+ *
+ *-------------------------------------------------------------------------
+ */
+#include "digime.h"
+
+#include "utils/memutils.h"
+#include "utils/timestamp.h"
+
+typedef struct JwksKey
+{
+	char	   *kid;
+	EVP_PKEY   *key;
+} JwksKey;
+
+typedef struct JwksEntry
+{
+	char	   *url;
+	TimestampTz fetched_at;
+	int			nkeys;
+	JwksKey    *keys;
+} JwksEntry;
+
+static List *jwks_cache = NIL;	/* of JwksEntry *, in TopMemoryContext */
+
+static JwksEntry *
+cache_lookup(const char *url)
+{
+	ListCell   *lc;
+
+	foreach(lc, jwks_cache)
+	{
+		JwksEntry  *e = lfirst(lc);
+
+		if (strcmp(e->url, url) == 0)
+			return e;
+	}
+	return NULL;
+}
+
+static bool
+entry_fresh(JwksEntry *e)
+{
+	return e != NULL && dm_jwks_cache_ttl > 0 &&
+		!TimestampDifferenceExceeds(e->fetched_at, GetCurrentTimestamp(),
+									dm_jwks_cache_ttl * 1000);
+}
+
+static void
+entry_clear_keys(JwksEntry *e)
+{
+	for (int i = 0; i < e->nkeys; i++)
+	{
+		EVP_PKEY_free(e->keys[i].key);
+		pfree(e->keys[i].kid);
+	}
+	if (e->keys)
+		pfree(e->keys);
+	e->keys = NULL;
+	e->nkeys = 0;
+}
+
+/*
+ * Replaces the cached key set of url with the one in body.  Raises when
+ * body is not a JWKS; entries without a usable RSA key are skipped.
+ */
+static JwksEntry *
+cache_store(const char *url, const DmHttpResponse *resp)
+{
+	Jsonb	   *doc = dm_json_parse(resp->body.data, resp->body.len);
+	JsonbContainer *keys = doc ? dm_json_get_array(&doc->root, "keys") : NULL;
+	int			n = keys ? JsonContainerSize(keys) : 0;
+	JwksEntry  *e;
+	MemoryContext old;
+
+	if (keys == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
+				 errmsg("digi.me JWKS is not a JSON object with a \"keys\" array"),
+				 errdetail_internal("GET %s", url)));
+
+	old = MemoryContextSwitchTo(TopMemoryContext);
+	e = cache_lookup(url);
+	if (e == NULL)
+	{
+		e = palloc0(sizeof(JwksEntry));
+		e->url = pstrdup(url);
+		jwks_cache = lappend(jwks_cache, e);
+	}
+	entry_clear_keys(e);
+	e->keys = palloc0(sizeof(JwksKey) * Max(n, 1));
+	MemoryContextSwitchTo(old);
+
+	for (int i = 0; i < n; i++)
+	{
+		JsonbValue *v = getIthJsonbValueFromContainer(keys, i);
+		JsonbContainer *jwk;
+		char	   *kid,
+				   *pem,
+				   *kty,
+				   *use;
+		EVP_PKEY   *key = NULL;
+
+		if (v == NULL || v->type != jbvBinary || !dm_json_is_object(v->val.binary.data))
+			continue;
+		jwk = v->val.binary.data;
+		kid = dm_json_get_string(jwk, "kid");
+		use = dm_json_get_string(jwk, "use");
+		if (kid == NULL || (use != NULL && strcmp(use, "sig") != 0))
+			continue;
+		if ((pem = dm_json_get_string(jwk, "pem")) != NULL)
+			key = dm_public_key_from_pem(pem);
+		else if ((kty = dm_json_get_string(jwk, "kty")) != NULL && strcmp(kty, "RSA") == 0)
+		{
+			char	   *nn = dm_json_get_string(jwk, "n");
+			char	   *ee = dm_json_get_string(jwk, "e");
+
+			if (nn && ee)
+				key = dm_public_key_from_jwk(nn, ee);
+		}
+		if (key == NULL)
+			continue;
+		e->keys[e->nkeys].kid = MemoryContextStrdup(TopMemoryContext, kid);
+		e->keys[e->nkeys].key = key;
+		e->nkeys++;
+	}
+	e->fetched_at = GetCurrentTimestamp();
+	return e;
+}
+
+static void
+build_jwks_get(void *arg, int attempt, DmHttpRequest *req)
+{
+	req->method = "GET";
+	req->url = (char *) arg;
+}
+
+static JwksEntry *
+fetch(const char *url)
+{
+	DmHttpResponse resp;
+
+	dm_http_request(build_jwks_get, (void *) url, DM_RETRY_IDEMPOTENT, &resp);
+	if (resp.status < 200 || resp.status > 299)
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_VERIFICATION_FAILED),
+				 errmsg("could not fetch the digi.me JWKS"),
+				 errdetail_internal("GET %s answered HTTP status %ld.", url, resp.status)));
+	return cache_store(url, &resp);
+}
+
+void
+dm_jwks_prefetch(void)
+{
+	char	   *url = dm_url_join(dm_base_url, "jwks/oauth");
+	DmHttpResponse resp;
+
+	if (entry_fresh(cache_lookup(url)))
+		return;
+	/* best effort: a failure here is reported by the verification itself */
+	if (dm_http_try_get(url, &resp) && resp.status >= 200 && resp.status <= 299)
+	{
+		Jsonb	   *doc = dm_json_parse(resp.body.data, resp.body.len);
+
+		if (doc != NULL && dm_json_get_array(&doc->root, "keys") != NULL)
+			(void) cache_store(url, &resp);
+	}
+}
+
+static EVP_PKEY *
+find_key(JwksEntry *e, const char *kid)
+{
+	for (int i = 0; e != NULL && i < e->nkeys; i++)
+		if (strcmp(e->keys[i].kid, kid) == 0)
+			return e->keys[i].key;
+	return NULL;
+}
+
+static void
+verification_failed(const char *msg, const char *detail)
+{
+	ereport(ERROR,
+			(errcode(ERRCODE_DIGIME_VERIFICATION_FAILED),
+			 errmsg("could not verify the digi.me API's answer: %s", msg),
+			 detail ? errdetail_internal("%s", detail) : 0));
+}
+
+Jsonb *
+dm_verify_response_token(const char *token, DmVerifyState *state)
+{
+	DmJws		jws;
+	char	   *alg,
+			   *jku,
+			   *kid;
+	JwksEntry  *e;
+	EVP_PKEY   *key;
+	double		t;
+	double		now;
+	bool		fetched = false;
+
+	if (!dm_jws_parse(token, &jws))
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
+				 errmsg("digi.me API answered with a token that is not a compact JWS")));
+
+	alg = dm_json_get_string(&jws.header->root, "alg");
+	if (alg == NULL || strcmp(alg, "PS512") != 0)
+		verification_failed("the token is not signed with PS512",
+							psprintf("Header alg is %s.", alg ? alg : "missing"));
+	jku = dm_json_get_string(&jws.header->root, "jku");
+	kid = dm_json_get_string(&jws.header->root, "kid");
+	if (jku == NULL || kid == NULL)
+		verification_failed("the token header names no jku or no kid", NULL);
+	if (!dm_url_same_origin(jku, dm_base_url))
+		verification_failed("the token's jku is not on the API's origin",
+							psprintf("jku %s is not on the origin of digime.base_url %s.",
+									 jku, dm_base_url));
+
+	e = cache_lookup(jku);
+	if (!entry_fresh(e))
+	{
+		e = fetch(jku);
+		fetched = true;
+	}
+	key = find_key(e, kid);
+	if (key == NULL && !fetched && !state->refetched)
+	{
+		state->refetched = true;
+		e = fetch(jku);
+		key = find_key(e, kid);
+	}
+	if (key == NULL)
+		verification_failed("the token's kid is not in the JWKS",
+							psprintf("kid \"%s\" is not among the %d usable keys at %s.",
+									 kid, e->nkeys, jku));
+	if (!dm_jws_verify_ps512(key, &jws))
+		verification_failed("the token's signature does not verify", NULL);
+
+	now = (double) time(NULL);
+	if (dm_json_get(&jws.payload->root, "exp") != NULL &&
+		(!dm_json_get_number(&jws.payload->root, "exp", &t) || t <= now))
+		verification_failed("the token has expired (exp)", NULL);
+	if (dm_json_get(&jws.payload->root, "nbf") != NULL &&
+		(!dm_json_get_number(&jws.payload->root, "nbf", &t) || t > now))
+		verification_failed("the token is not valid yet (nbf)", NULL);
+
+	return jws.payload;
+}
