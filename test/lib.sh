@@ -75,11 +75,13 @@ dm_free_port() {
     "$DM_PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
-# Starts the sandbox in $DM_WORK/sandbox; sets DM_SANDBOX_PORT/_URL/_PID.
+# Starts the sandbox in $DM_WORK/sandbox (extra sandbox.py options in "$@");
+# sets DM_SANDBOX_PORT/_URL/_PID and DM_CA_FILE.
 dm_start_sandbox() {
     local dir="$DM_WORK/sandbox" i
     env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY \
-        "$DM_PY" "$DM_ROOT/test/sandbox/sandbox.py" --dir "$dir" >"$DM_WORK/sandbox.out" 2>"$DM_WORK/sandbox.err" &
+        "$DM_PY" "$DM_ROOT/test/sandbox/sandbox.py" --dir "$dir" "$@" \
+        >"$DM_WORK/sandbox.out" 2>"$DM_WORK/sandbox.err" &
     DM_SANDBOX_PID=$!
     for i in $(seq 1 100); do
         [ -s "$dir/port" ] && break

@@ -1,0 +1,321 @@
+"""Helpers for digime's TAP tests (test/t/*.py), run by prove with /usr/bin/python3.
+
+The environment comes from test/run-tests.sh: PGHOST/PGPORT/PGUSER (superuser
+postgres on the throwaway cluster), DM_SANDBOX_URL, DM_CA_FILE, DM_WORK, DM_ROOT,
+DM_PG_BIN.
+
+Rule for tests: never send a secret (token, code, code_verifier, private key)
+to the server except as an argument of digime's own functions that take
+secrets; compare secrets in Python.  090_log_hygiene.py checks the server log.
+"""
+import base64
+import hashlib
+import http.client
+import json
+import os
+import ssl
+import subprocess
+import sys
+import time
+import traceback
+import urllib.parse
+
+import psycopg2
+import psycopg2.extensions
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+ROOT = os.environ.get("DM_ROOT", os.path.abspath(os.path.join(os.path.dirname(__file__), "../..")))
+WORK = os.environ.get("DM_WORK", "/tmp")
+PG_BIN = os.environ.get("DM_PG_BIN", "/usr/lib/postgresql/15/bin")
+SECRETS_FILE = os.path.join(WORK, "test-secrets.txt")
+
+EXAMPLE_APP = "qgEUV8iJENRiUkuYF5lLpdsOv7Hp0biy"
+EXAMPLE_CONTRACT = "yrg1LktWk2gldVk8atD5Pf7Um4c1LnMs"
+SECOND_CONTRACT = "second-contract"
+
+
+# --------------------------------------------------------------------------
+# TAP
+# --------------------------------------------------------------------------
+class Tap:
+    """Minimal TAP producer: register test functions with @tap.test, then tap.run()."""
+
+    def __init__(self):
+        self.n = 0
+        self.failed = 0
+        self.tests = []
+
+    def test(self, fn):
+        self.tests.append(fn)
+        return fn
+
+    def ok(self, cond, name, diag=None):
+        self.n += 1
+        print(("ok %d - %s" if cond else "not ok %d - %s") % (self.n, name))
+        if not cond:
+            self.failed += 1
+            if diag:
+                for line in str(diag).splitlines():
+                    print("# " + line)
+        sys.stdout.flush()
+        return cond
+
+    def eq(self, got, want, name):
+        return self.ok(got == want, name, "got:  %r\nwant: %r" % (got, want))
+
+    def match(self, got, pattern, name):
+        import re
+        return self.ok(got is not None and re.search(pattern, got) is not None, name,
+                       "got: %r\ndoes not match: %r" % (got, pattern))
+
+    def run(self):
+        for fn in self.tests:
+            print("# " + fn.__name__)
+            try:
+                fn()
+            except Exception:
+                self.ok(False, fn.__name__ + " raised", traceback.format_exc())
+        print("1..%d" % self.n)
+        sys.exit(1 if self.failed else 0)
+
+
+# --------------------------------------------------------------------------
+# Sandbox control API
+# --------------------------------------------------------------------------
+class Sandbox:
+    def __init__(self):
+        self.url = os.environ["DM_SANDBOX_URL"]
+        self.ctx = ssl.create_default_context(cafile=os.environ["DM_CA_FILE"])
+        u = urllib.parse.urlsplit(self.url)
+        self.host, self.port = u.hostname, u.port
+
+    def _conn(self):
+        return http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=30)
+
+    def call(self, method, path, body=None):
+        c = self._conn()
+        c.request(method, "/_sandbox/" + path, body=None if body is None else json.dumps(body),
+                  headers={"Content-Type": "application/json"})
+        r = c.getresponse()
+        data = r.read()
+        c.close()
+        if r.status >= 300:
+            raise RuntimeError("sandbox %s %s: %d %s" % (method, path, r.status, data[:300]))
+        return json.loads(data) if data else None
+
+    def fault(self, **kw):
+        return self.call("POST", "faults", kw)
+
+    def faults(self):
+        return self.call("GET", "faults")
+
+    def config(self, **kw):
+        return self.call("POST", "config", kw)
+
+    def reset(self, everything=False):
+        self.call("POST", "reset", {"all": True} if everything else {})
+
+    def expire(self, **kw):
+        return self.call("POST", "expire", kw)
+
+    def tokens(self):
+        return self.call("GET", "tokens")
+
+    def secrets(self):
+        return self.call("GET", "secrets")
+
+    def requests(self, since=0):
+        return self.call("GET", "requests?since=%d" % since)
+
+    def last_seq(self):
+        reqs = self.requests()
+        return reqs[-1]["seq"] if reqs else 0
+
+    def register(self, application_id, contract_id, public_key_pem, redirect_uris=None):
+        body = {"application_id": application_id, "contract_id": contract_id,
+                "public_key_pem": public_key_pem}
+        if redirect_uris is not None:
+            body["redirect_uris"] = redirect_uris
+        return self.call("POST", "contracts", body)
+
+    def follow(self, url):
+        """GETs an onboarding URL like a browser would, returning the redirect Location."""
+        u = urllib.parse.urlsplit(url)
+        c = http.client.HTTPSConnection(u.hostname, u.port, context=self.ctx, timeout=30)
+        c.request("GET", u.path + ("?" + u.query if u.query else ""))
+        r = c.getresponse()
+        r.read()
+        c.close()
+        if r.status != 302:
+            raise RuntimeError("onboarding page answered %d" % r.status)
+        return r.getheader("Location")
+
+
+# --------------------------------------------------------------------------
+# Keys and JWS
+# --------------------------------------------------------------------------
+def new_rsa_key(bits=2048, pkcs1=True):
+    """A new RSA key as PEM text (PKCS#1 like digi.me's, or PKCS#8)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    fmt = serialization.PrivateFormat.TraditionalOpenSSL if pkcs1 else serialization.PrivateFormat.PKCS8
+    pem = key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()).decode()
+    record_secret(pem_body(pem))
+    return pem
+
+
+def public_pem(private_pem):
+    key = serialization.load_pem_private_key(private_pem.encode(), None)
+    return key.public_key().public_bytes(serialization.Encoding.PEM,
+                                         serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def spki_sha256(private_pem):
+    key = serialization.load_pem_private_key(private_pem.encode(), None)
+    der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem_body(pem):
+    """The base64 lines of a PEM, joined: what would leak if a key leaked."""
+    return "".join(l for l in pem.splitlines() if l and not l.startswith("-----"))
+
+
+def b64url_decode(s):
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def b64url(data):
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def jws_verify_ps512(jws, private_or_public_pem, salt=64, mgf_hash=None):
+    """True when the compact JWS verifies with RSASSA-PSS SHA-512, the given salt and MGF1 hash."""
+    if "PRIVATE" in private_or_public_pem:
+        pub = serialization.load_pem_private_key(private_or_public_pem.encode(), None).public_key()
+    else:
+        pub = serialization.load_pem_public_key(private_or_public_pem.encode())
+    h, p, s = jws.split(".")
+    try:
+        pub.verify(b64url_decode(s), (h + "." + p).encode(),
+                   padding.PSS(mgf=padding.MGF1(mgf_hash or hashes.SHA512()), salt_length=salt),
+                   hashes.SHA512())
+        return True
+    except Exception:
+        return False
+
+
+def s256(verifier):
+    return b64url(hashlib.sha256(verifier.encode("ascii")).digest())
+
+
+def record_secret(value):
+    """Remembers a secret this test created, for 090_log_hygiene.py."""
+    if value:
+        with open(SECRETS_FILE, "a") as f:
+            f.write(value.replace("\n", "") + "\n")
+
+
+# --------------------------------------------------------------------------
+# Database
+# --------------------------------------------------------------------------
+def connect(dbname="postgres", user="postgres", **kw):
+    conn = psycopg2.connect(dbname=dbname, user=user, **kw)
+    conn.autocommit = True
+    return conn
+
+
+def fresh_db(name, extension=True):
+    """Drops and creates a database (with the extension) and returns a superuser connection."""
+    admin = connect()
+    cur = admin.cursor()
+    cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+    cur.execute('CREATE DATABASE "%s"' % name)
+    admin.close()
+    conn = connect(name)
+    if extension:
+        conn.cursor().execute("SET client_min_messages = error; CREATE EXTENSION digime; "
+                              "RESET client_min_messages")
+    return conn
+
+
+def ensure_role(name, *options):
+    admin = connect()
+    cur = admin.cursor()
+    cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,))
+    if cur.fetchone() is None:
+        cur.execute('CREATE ROLE "%s" %s' % (name, " ".join(options)))
+    admin.close()
+
+
+def q(conn, sql, args=None):
+    """All rows of a query."""
+    cur = conn.cursor()
+    cur.execute(sql, args)
+    return cur.fetchall() if cur.description else None
+
+
+def q1(conn, sql, args=None):
+    """The first column of the first row."""
+    rows = q(conn, sql, args)
+    return rows[0][0] if rows else None
+
+
+def error(conn, sql, args=None):
+    """Runs sql expecting an error: returns (sqlstate, message, detail, hint), or None."""
+    try:
+        q(conn, sql, args)
+    except psycopg2.Error as e:
+        d = e.diag
+        return (e.pgcode, d.message_primary, d.message_detail, d.message_hint)
+    return None
+
+
+def add_contract(conn, contract_id, application_id=None, key_pem=None, sandbox=None):
+    """Registers a contract with digime and (with sandbox) the sandbox; returns its key."""
+    application_id = application_id or EXAMPLE_APP
+    key_pem = key_pem or new_rsa_key()
+    if sandbox is not None:
+        sandbox.register(application_id, contract_id, public_pem(key_pem))
+    q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
+      (contract_id, application_id, key_pem))
+    return key_pem
+
+
+def authorize(conn, contract_id, callback="https://app.example/return", state="user-1", **opts):
+    """digime_authorize_url with named options; returns (url, code_verifier, session)."""
+    names = ["contract_id => %s", "callback => %s", "state => %s"]
+    args = [contract_id, callback, state]
+    for k, v in opts.items():
+        names.append("%s => %%s" % k)
+        args.append(json.dumps(v) if isinstance(v, (dict, list)) else v)
+    row = q(conn, "SELECT url, code_verifier, session FROM digime.digime_authorize_url(%s)"
+            % ", ".join(names), args)[0]
+    record_secret(row[1])
+    return row
+
+
+def full_authorization(conn, sandbox, contract_id, state="user-1", **opts):
+    """authorize -> onboarding page -> callback; returns the token row as a dict."""
+    url, verifier, session = authorize(conn, contract_id, state=state, **opts)
+    location = sandbox.follow(url)
+    cur = conn.cursor()
+    cur.execute("SELECT * FROM digime.digime_handle_callback(%s)", (location,))
+    cols = [d[0] for d in cur.description]
+    return dict(zip(cols, cur.fetchone()))
+
+
+def token_json(conn, token_id):
+    t = q1(conn, "SELECT digime.digime_user_access_token(%s)", (token_id,))
+    record_secret(t["accessToken"]["value"])
+    record_secret(t["refreshToken"]["value"])
+    return t
+
+
+def backend_pid(conn):
+    return q1(conn, "SELECT pg_backend_pid()")
+
+
+def server_log_path():
+    return os.path.join(WORK, "postgres.log")

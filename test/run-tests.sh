@@ -1,0 +1,46 @@
+#!/bin/bash
+# The test command (README, "Testing"): as root on Debian 12,
+#     bash test/run-tests.sh
+# installs what is missing, builds and installs digime, starts the sandbox
+# API and a throwaway PostgreSQL 15 cluster, runs every suite (pg_regress,
+# then the TAP tests in test/t/), and exits non-zero on any failure.
+# DM_KEEP=1 keeps the work directory (logs) for inspection.
+source "$(dirname "$0")/lib.sh"
+
+dm_require_root
+dm_install_deps
+dm_build
+dm_workdir
+
+APP=qgEUV8iJENRiUkuYF5lLpdsOv7Hp0biy
+dm_start_sandbox \
+    --contract "$APP:yrg1LktWk2gldVk8atD5Pf7Um4c1LnMs:$DM_ROOT/test/fixtures/digime-example/read-data.key" \
+    --contract "$APP:second-contract:$DM_ROOT/test/fixtures/keys/second.pem"
+dm_make_key_file "$DM_WORK/keys/digime.key"
+# Every suite runs with full statement and debug logging: 090_log_hygiene
+# then checks that no secret reached the log.
+dm_start_cluster \
+    "shared_preload_libraries = 'digime'" \
+    "digime.key_file = '$DM_WORK/keys/digime.key'" \
+    "log_statement = 'all'" \
+    "log_min_messages = debug1" \
+    "log_min_error_statement = debug1" \
+    "max_connections = 40"
+export DM_ROOT DM_PG_BIN
+
+failed=0
+dm_log "pg_regress"
+if ! make -s -C "$DM_ROOT" PG_CONFIG="$DM_PG_BIN/pg_config" installcheck; then
+    cat "$DM_ROOT/test/results/regression.diffs" >&2 || true
+    failed=1
+fi
+
+dm_log "TAP tests"
+cd "$DM_ROOT"
+prove --exec "$DM_PY" --timer test/t/*.py || failed=1
+
+if [ "$failed" != 0 ]; then
+    echo "FAILED" >&2
+    exit 1
+fi
+echo "all suites passed"
