@@ -10,7 +10,7 @@ PGFILEDESC  = "digime - digi.me user authorization from SQL"
 PG_CPPFLAGS = -Isrc -DDIGIME_VERSION='"$(EXTVERSION)"'
 SHLIB_LINK  = -lcurl -lcrypto
 
-REGRESS      = setup contracts authorize_url exchange callback refresh errors security
+REGRESS      = setup contracts authorize_url callback errors security
 REGRESS_OPTS = --inputdir=. --outputdir=test/results --load-extension=digime
 
 PG_CONFIG ?= pg_config

@@ -183,7 +183,7 @@ revoke_role_if_unused(Oid role)
 
 	if (SPI_execute_with_args("SELECT 1 FROM digime.contract_grants "
 							  "WHERE grantee OPERATOR(pg_catalog.=) $1::pg_catalog.regrole LIMIT 1",
-							  1, types, values, NULL, true, 0) != SPI_OK_SELECT)
+							  1, types, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "could not read the contract grants");
 	if (SPI_processed > 0)
 		return;

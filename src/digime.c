@@ -116,14 +116,14 @@ _PG_init(void)
 							   "or http to a loopback address.",
 							   &dm_base_url,
 							   "https://api.digi.me/v1.7/",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   PGC_SUSET, 0,
 							   check_endpoint_url, NULL, NULL);
 	DefineCustomStringVariable("digime.onboard_url",
 							   "Base URL of the digi.me onboarding web app.",
 							   "Authorization URLs returned to applications start with it.",
 							   &dm_onboard_url,
 							   "https://api.digi.me/apps/saas/",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   PGC_SUSET, 0,
 							   check_endpoint_url, NULL, NULL);
 	DefineCustomStringVariable("digime.ca_file",
 							   "Extra CA bundle (PEM) trusted for the digi.me API.",
@@ -131,7 +131,7 @@ _PG_init(void)
 							   "TLS peer and host verification are always on.",
 							   &dm_ca_file,
 							   "",
-							   PGC_SUSET, GUC_SUPERUSER_ONLY,
+							   PGC_SUSET, 0,
 							   check_ca_file, NULL, NULL);
 	DefineCustomIntVariable("digime.timeout_ms",
 							"Time limit of one HTTP request to the digi.me API.",
