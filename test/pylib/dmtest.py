@@ -319,3 +319,255 @@ def backend_pid(conn):
 
 def server_log_path():
     return os.path.join(WORK, "postgres.log")
+
+
+# --------------------------------------------------------------------------
+# Recorded requests, URLs and processes (used by 010_flow, 020_api_errors,
+# 030_transport)
+# --------------------------------------------------------------------------
+API_ENDPOINTS = ("oauth/authorize", "oauth/token", "oauth/token/reference", "reference", "jwks")
+
+
+def fixture_key(relpath):
+    """A private key PEM from test/fixtures (published test keys, recorded as secrets anyway)."""
+    with open(os.path.join(ROOT, "test", "fixtures", relpath)) as f:
+        pem = f.read()
+    record_secret(pem_body(pem))
+    return pem
+
+
+def api_records(sandbox, since, endpoint=None):
+    """Recorded API requests (not onboarding pages) after seq since, optionally of one endpoint."""
+    recs = [r for r in sandbox.requests(since) if r["endpoint"] in API_ENDPOINTS]
+    if endpoint is not None:
+        recs = [r for r in recs if r["endpoint"] == endpoint]
+    return recs
+
+
+def jwt_claims(rec):
+    """Claims of a recorded request's client JWT."""
+    return rec["jwt"]["claims"]
+
+
+def query_pairs(url):
+    """[(name, value)] of a URL's query, form-decoded once (like URLSearchParams)."""
+    return urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query, keep_blank_values=True)
+
+
+def query_of(url):
+    """The raw query string of a URL."""
+    return urllib.parse.urlsplit(url).query
+
+
+def closed_port():
+    """A TCP port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def proc_status_kb(pid, field):
+    """A kB field (VmRSS, RssAnon, ...) of /proc/PID/status (readable as root)."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name == field:
+                return int(value.split()[0])
+    return None
+
+
+# --------------------------------------------------------------------------
+# Roles and errors (added for 040/050)
+# --------------------------------------------------------------------------
+def connect_as(dbname, role, **kw):
+    """A connection as another role (trust authentication on the test socket)."""
+    return connect(dbname, user=role, **kw)
+
+
+def sqlstate(conn, sql, args=None):
+    """The SQLSTATE of the error sql raises, or None when it succeeds."""
+    e = error(conn, sql, args)
+    return e[0] if e else None
+
+
+def copy_out(conn, sql):
+    """Runs COPY ... TO STDOUT; returns its text."""
+    import io
+    buf = io.StringIO()
+    conn.cursor().copy_expert(sql, buf)
+    return buf.getvalue()
+
+
+def copy_in(conn, sql, data):
+    import io
+    conn.cursor().copy_expert(sql, io.StringIO(data))
+
+
+# --------------------------------------------------------------------------
+# Envelope encryption (the format of src/crypt.c)
+# --------------------------------------------------------------------------
+def read_key_file(path):
+    """The 32 key bytes of a digime.key_file (64 hex digits or 32 raw bytes)."""
+    raw = open(path, "rb").read()
+    s = raw.strip()
+    if len(s) == 64:
+        return bytes.fromhex(s.decode())
+    assert len(raw) == 32, "bad key file"
+    return raw
+
+
+def key_id(key):
+    """digime_encryption_key_id() of a key: hex of the first 8 bytes of SHA-256("digime key id" || key)."""
+    return hashlib.sha256(b"digime key id" + key).digest()[:8].hex()
+
+
+def unseal(value, key, aad):
+    """Opens a "dmenc1:<keyid>:<b64>" value in Python (raises when it does not verify)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    prefix, kid, b64 = value.split(":", 2)
+    assert prefix == "dmenc1" and kid == key_id(key), "not sealed with this key"
+    raw = base64.b64decode(b64)
+    return AESGCM(key).decrypt(raw[:12], raw[12:], aad.encode()).decode()
+
+
+def write_key_file(path, mode=0o600, owner="postgres"):
+    """Writes a new 256-bit key (64 hex digits) readable by postgres; returns the key bytes."""
+    key = os.urandom(32)
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(key.hex() + "\n")
+    import shutil
+    shutil.chown(path, owner, owner)
+    os.chmod(path, mode)
+    return key
+
+
+# --------------------------------------------------------------------------
+# Extra clusters (050_encryption): run as postgres, Unix socket only
+# --------------------------------------------------------------------------
+def free_port():
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def as_postgres(*cmd, check=True, timeout=120):
+    """Runs a command as user postgres (via runuser) without proxies; returns CompletedProcess."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    return subprocess.run(["runuser", "-u", "postgres", "--"] + list(cmd), env=env, check=check,
+                          timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+class Cluster:
+    """A throwaway cluster in $DM_WORK/clusters/NAME: data/, socket/, keys/ and postgres.log.
+
+    settings (a dict, written to data/digime_test.conf, which postgresql.conf
+    includes) start as the main cluster's: digime preloaded, the sandbox's URLs
+    and CA, full statement and debug logging.  Change them, then restart().
+    Use it as a context manager (or call stop()) so that it stops on failure.
+    """
+
+    def __init__(self, name):
+        self.name = name
+        self.dir = os.path.join(WORK, "clusters", name)
+        self.data = os.path.join(self.dir, "data")
+        self.socket = os.path.join(self.dir, "socket")
+        self.keys = os.path.join(self.dir, "keys")
+        self.log = os.path.join(self.dir, "postgres.log")
+        self.port = free_port()
+        sandbox = os.environ.get("DM_SANDBOX_URL", "")
+        self.settings = {
+            "shared_preload_libraries": "digime",
+            "digime.base_url": sandbox + "/v1.7/",
+            "digime.onboard_url": sandbox + "/apps/saas/",
+            "digime.ca_file": os.environ.get("DM_CA_FILE", ""),
+            "log_statement": "all",
+            "log_min_messages": "debug1",
+            "log_min_error_statement": "debug1",
+        }
+        self.running = False
+
+    def init(self):
+        import shutil
+        if os.path.exists(self.dir):
+            shutil.rmtree(self.dir)
+        os.makedirs(self.dir)
+        os.chmod(self.dir, 0o755)
+        for d in (self.data, self.socket, self.keys):
+            os.makedirs(d)
+            shutil.chown(d, "postgres", "postgres")
+            os.chmod(d, 0o700)
+        open(self.log, "w").close()
+        shutil.chown(self.log, "postgres", "postgres")
+        as_postgres(os.path.join(PG_BIN, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
+                    "--no-sync", "-E", "UTF8", "--locale=C")
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
+            f.write("\nport = %d\nlisten_addresses = ''\nunix_socket_directories = '%s'\n"
+                    "fsync = off\nmax_connections = 20\nshared_buffers = 16MB\n"
+                    "include_if_exists = 'digime_test.conf'\n" % (self.port, self.socket))
+        return self
+
+    def write_settings(self):
+        path = os.path.join(self.data, "digime_test.conf")
+        with open(path, "w") as f:
+            for k, v in self.settings.items():
+                if v is not None:
+                    f.write("%s = '%s'\n" % (k, str(v).replace("'", "''")))
+        import shutil
+        shutil.chown(path, "postgres", "postgres")
+
+    def log_size(self):
+        return os.path.getsize(self.log)
+
+    def log_text(self, since=0):
+        with open(self.log, errors="replace") as f:
+            f.seek(since)
+            return f.read()
+
+    def start(self, expect_failure=False):
+        """Starts the server; returns True when it runs.  Raises on an unexpected outcome."""
+        self.write_settings()
+        r = as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-l", self.log, "-w",
+                        "-t", "30", "start", check=False)
+        self.running = r.returncode == 0
+        if self.running == expect_failure:
+            raise RuntimeError("cluster %s: pg_ctl start exited %d (expected %s):\n%s\n%s"
+                               % (self.name, r.returncode, "failure" if expect_failure else "success",
+                                  r.stdout, self.log_text()[-3000:]))
+        return self.running
+
+    def stop(self):
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):
+            as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-m", "fast", "-w", "stop",
+                        check=False)
+        self.running = False
+
+    def restart(self, expect_failure=False):
+        self.stop()
+        return self.start(expect_failure)
+
+    def connect(self, dbname="postgres", user="postgres"):
+        conn = psycopg2.connect(host=self.socket, port=self.port, dbname=dbname, user=user)
+        conn.autocommit = True
+        return conn
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+def cluster_logs():
+    """Server logs of the extra clusters of this run (050_encryption)."""
+    import glob
+    return sorted(glob.glob(os.path.join(WORK, "clusters", "*", "postgres.log")))
