@@ -75,6 +75,8 @@ contract_key_arg(FunctionCallInfo fcinfo, int argno, const char *contract_id, Co
 	out->bits = EVP_PKEY_get_bits(key);
 	out->fingerprint = dm_key_fingerprint(key);
 	EVP_PKEY_free(key);
+	if (out->fingerprint == NULL)
+		elog(ERROR, "could not compute the public key fingerprint");
 	out->sealed = dm_seal(pem, psprintf("digime/contracts/private_key/%s", contract_id));
 	dm_secret_free(pem);
 }

@@ -140,7 +140,7 @@ extern EVP_PKEY *dm_private_key_parse(const char *pem, const char **why);
 extern EVP_PKEY *dm_public_key_from_pem(const char *pem);
 extern EVP_PKEY *dm_public_key_from_jwk(const char *n_b64url, const char *e_b64url);
 
-/* Lower-case hex SHA-256 of the DER SubjectPublicKeyInfo. */
+/* Lower-case hex SHA-256 of the DER SubjectPublicKeyInfo; NULL on failure. */
 extern char *dm_key_fingerprint(EVP_PKEY *key);
 
 /* ---------------------------------------------------------------------

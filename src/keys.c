@@ -154,7 +154,7 @@ dm_key_fingerprint(EVP_PKEY *key)
 	OPENSSL_free(der);
 	ERR_clear_error();
 	if (!ok)
-		elog(ERROR, "could not compute the public key fingerprint");
+		return NULL;
 
 	hex = palloc(dlen * 2 + 1);
 	hex[hex_encode((const char *) digest, dlen, hex)] = '\0';

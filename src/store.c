@@ -140,15 +140,18 @@ token_aad(const char *column, int64 id)
 	return aad("user_tokens", column, psprintf(INT64_FORMAT, id));
 }
 
-/* Frees a parsed contract key when the SPI context is deleted. */
+/*
+ * Frees a parsed contract key when the SPI context is deleted, at
+ * dm_call_end or on error.  The holder lives in that context (not on the
+ * caller's stack, which an error unwinds first).
+ */
 static void
 free_contract_key(void *arg)
 {
-	DmContract *c = (DmContract *) arg;
+	EVP_PKEY  **holder = (EVP_PKEY **) arg;
 
-	if (c->key != NULL)
-		EVP_PKEY_free(c->key);
-	c->key = NULL;
+	EVP_PKEY_free(*holder);
+	*holder = NULL;
 }
 
 void
@@ -161,6 +164,7 @@ dm_contract_load(DmCall *call, const char *contract_id, DmContract *out)
 	char	   *pem;
 	const char *why;
 	MemoryContextCallback *cb;
+	EVP_PKEY  **holder;
 
 	run("SELECT c.application_id, c.private_key, "
 		"  EXISTS (SELECT 1 FROM digime.contract_grants g "
@@ -190,11 +194,12 @@ dm_contract_load(DmCall *call, const char *contract_id, DmContract *out)
 	out->contract_id = pstrdup(contract_id);
 	out->application_id = col_text(1);
 	pem = dm_open(col_text(2), aad("contracts", "private_key", contract_id));
+	holder = palloc0(sizeof(EVP_PKEY *));
 	cb = palloc(sizeof(MemoryContextCallback));
 	cb->func = free_contract_key;
-	cb->arg = out;
+	cb->arg = holder;
 	MemoryContextRegisterResetCallback(CurrentMemoryContext, cb);
-	out->key = dm_private_key_parse(pem, &why);
+	*holder = out->key = dm_private_key_parse(pem, &why);
 	dm_secret_free(pem);
 	if (out->key == NULL)
 		ereport(ERROR,
