@@ -408,7 +408,7 @@ dm_pending_insert(DmCall *call, const char *kind, const char *contract_id,
 		"  AND expires_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) '1 day'::pg_catalog.interval)",
 		1, types + 1, values + 1, NULL, SPI_OK_DELETE);
 
-	run("SELECT pg_catalog.nextval(pg_catalog.pg_get_serial_sequence('digime.authorizations', 'id'))",
+	run("SELECT pg_catalog.nextval('digime.authorizations_id_seq')",
 		0, NULL, NULL, NULL, SPI_OK_SELECT);
 	id = DatumGetInt64(col_datum(1, &isnull));
 
