@@ -18,3 +18,6 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 EXTRA_CLEAN = test/results
+
+# every object depends on the shared header (PGXS tracks no header dependencies)
+$(OBJS): src/digime.h

@@ -22,7 +22,7 @@ SELECT status FROM digime.authorizations WHERE state = 'late user';
 SELECT t_err($$SELECT * FROM digime.digime_exchange_code(NULL, 'code', 'verifier')$$);
 SELECT t_err($$SELECT * FROM digime.digime_exchange_code('second-contract', '', 'verifier')$$);
 SELECT t_err($$SELECT * FROM digime.digime_exchange_code('second-contract', 'code', NULL)$$);
-SELECT t_err($$SELECT * FROM digime.digime_exchange_code('second-contract', 'no-such-code', 'verifier')$$);
+SELECT t_err($$SELECT * FROM digime.digime_exchange_code('second-contract', 'regress-unknown-code-J4q', 'regress-unknown-verifier-P8z')$$);
 SELECT count(*) AS tokens FROM digime.user_tokens;
 -- digime_import_token: the SDK's UserAccessToken, checked
 SELECT v AS token,
@@ -47,8 +47,12 @@ SELECT :imp_id > 0 AS stored, :'imp_user_id' AS user_id, :'imp_consent_id' AS co
 SELECT digime.digime_user_access_token(:imp_id) =
        '{"accessToken":{"value":"sample-token","expiry":1000000},"refreshToken":{"value":"sample-refresh-token","expiry":1000000},"user":{"id":"test-user-id"},"consentid":"test-consent-id"}'::jsonb
        AS same_token;
+-- a token digi.me does not know (its values are sent to the sandbox, so they
+-- appear in no statement but the import, which the log redacts)
+SELECT id AS unknown_id FROM digime.digime_import_token('second-contract',
+    '{"accessToken":{"value":"regress-at-Hq3v","expiry":2000000000},"refreshToken":{"value":"regress-rt-Lw9k","expiry":2000000000}}') \gset
 -- refreshing it: digi.me refuses the refresh token, so the user must reauthorize
-SELECT t_err(format('SELECT * FROM digime.digime_refresh_token(%s)', :imp_id));
+SELECT t_err(format('SELECT * FROM digime.digime_refresh_token(%s)', :unknown_id));
 SELECT t_err($$SELECT * FROM digime.digime_refresh_token(NULL)$$);
 SELECT t_err($$SELECT * FROM digime.digime_refresh_token(999999)$$);
 SELECT t_err($$SELECT * FROM digime.digime_user_access_token(999999)$$);
@@ -58,4 +62,4 @@ SELECT t_err(format('SELECT * FROM digime.digime_reauthorize_url(%s, %L, state =
 SELECT t_err(format('SELECT * FROM digime.digime_reauthorize_url(%s, %L, locale => %L)', :imp_id, 'https://app.example/', 'x'));
 SELECT t_err(format('SELECT * FROM digime.digime_reauthorize_url(%s, %L, session_options => %L)', :imp_id, 'https://app.example/', '[]'));
 -- digi.me does not know the imported access token
-SELECT t_err(format('SELECT * FROM digime.digime_reauthorize_url(%s, %L)', :imp_id, 'https://app.example/'));
+SELECT t_err(format('SELECT * FROM digime.digime_reauthorize_url(%s, %L)', :unknown_id, 'https://app.example/'));

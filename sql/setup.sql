@@ -41,6 +41,9 @@ SELECT contract_id, application_id, key_bits, key_fingerprint, key_encrypted, ro
 -- a second contract of the same application, PKCS#8 key
 SELECT contract_id, key_bits, key_fingerprint
   FROM digime.digime_add_contract('second-contract', 'qgEUV8iJENRiUkuYF5lLpdsOv7Hp0biy', :'second_key');
+SET client_min_messages = warning;
+DROP ROLE IF EXISTS regress_app_a, regress_app_b, regress_none;  -- left by an earlier run
+RESET client_min_messages;
 CREATE ROLE regress_app_a;
 CREATE ROLE regress_app_b;
 CREATE ROLE regress_none;

@@ -350,6 +350,7 @@ typedef struct DmCall
 	FunctionCallInfo fcinfo;
 	Oid			caller;			/* current_user at entry */
 	bool		caller_is_admin;	/* superuser or has the extension owner's privileges */
+	Oid			owner;			/* the extension owner */
 	MemoryContext outer_cxt;	/* the caller's context, for results */
 	Oid			save_userid;
 	int			save_sec_context;
@@ -387,16 +388,35 @@ typedef struct DmStoredToken
 	TimestampTz refresh_expires_at;
 	char	   *user_id;		/* or NULL */
 	char	   *consent_id;		/* or NULL */
+	bool		changed_here;	/* the row was written by this transaction */
 } DmStoredToken;
 
-/* Loads (and with for_update locks) a token row the caller owns. */
-extern void dm_token_load(DmCall *call, int64 token_id, bool for_update, DmStoredToken *out);
+/* A token pair as stored: secrets sealed for their row. */
+typedef struct DmSealedToken
+{
+	const char *access_token;
+	int64		access_expires;
+	const char *refresh_token;
+	int64		refresh_expires;
+	const char *user_id;
+	const char *consent_id;
+} DmSealedToken;
+
+/*
+ * Loads a token row the caller owns (42501 otherwise).  With serialize,
+ * first waits for other transactions refreshing the same token (a
+ * transaction-level advisory lock), so that one refresh follows another.
+ */
+extern void dm_token_load(DmCall *call, int64 token_id, bool serialize, DmStoredToken *out);
 extern int64 dm_token_insert(DmCall *call, const char *contract_id, const DmUserToken *t,
 							 const char *state, const char *account_reference);
 /* state/account_reference NULL keep the stored values. */
 extern void dm_token_update(DmCall *call, int64 token_id, const DmUserToken *t,
 							const char *state, const char *account_reference,
 							bool refreshed);
+/* The UPDATE itself (SPI connected); returns the number of rows written. */
+extern uint64 dm_token_write(int64 token_id, const DmSealedToken *t, const char *state,
+							 const char *account_reference, bool refreshed);
 /* The row as the function result: secret columns NULL. */
 extern Datum dm_token_result(DmCall *call, int64 token_id);
 
@@ -423,6 +443,17 @@ extern void dm_pending_complete(DmCall *call, int64 pending_id, int64 token_id);
 extern void dm_token_refresh(DmCall *call, DmContract *c, DmStoredToken *tok);
 /* Refreshes when the access token expires within digime.refresh_margin. */
 extern void dm_token_refresh_if_due(DmCall *call, DmContract *c, DmStoredToken *tok);
+
+/* ---------------------------------------------------------------------
+ * persist.c — refreshed tokens committed by a background worker
+ * ---------------------------------------------------------------------
+ */
+
+/*
+ * Writes and commits a refreshed pair in a transaction of its own; false
+ * when it did not (the caller then writes it in its own transaction).
+ */
+extern bool dm_persist_refresh(Oid owner, const DmStoredToken *old, const DmSealedToken *t);
 
 /* ---------------------------------------------------------------------
  * redact.c — keeps secrets passed as arguments out of the server log

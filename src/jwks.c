@@ -175,7 +175,8 @@ dm_jwks_prefetch(void)
 	char	   *url = dm_url_join(dm_base_url, "jwks/oauth");
 	DmHttpResponse resp;
 
-	if (entry_fresh(cache_lookup(url)))
+	/* with no caching the verification fetches it anyway */
+	if (dm_jwks_cache_ttl == 0 || entry_fresh(cache_lookup(url)))
 		return;
 	/* best effort: a failure here is reported by the verification itself */
 	if (dm_http_try_get(url, &resp) && resp.status >= 200 && resp.status <= 299)

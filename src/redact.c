@@ -9,9 +9,10 @@
  * tokens obtained elsewhere (digime_import_token).  With log_statement,
  * log_min_duration_statement or log_min_error_statement the server would
  * log the statement (and its bind parameters) that carries them.  This
- * emit_log_hook blanks every quoted literal and bind parameter value of a
- * log entry whose statement names one of these functions, and hides the
- * statement line.  It must be installed before the statement is logged:
+ * emit_log_hook blanks the quoted literals and bind parameter values of
+ * server-log entries whose statement names one of these functions, and
+ * replaces their statement line with a redacted copy; what the client
+ * sees is unchanged.  It must be installed before the statement is logged:
  * put digime in shared_preload_libraries (or session_preload_libraries).
  * A statement that reaches these functions under another name (a wrapper
  * function of the application) is not recognised; see README, "Caveats".
@@ -105,31 +106,66 @@ redact_literals(const char *s)
 	return out.data;
 }
 
+/* Copy of a CONTEXT text with the values of "... with parameters: $1 = '...'" blanked. */
+static char *
+redact_parameter_lines(const char *context)
+{
+	StringInfoData out;
+	const char *line = context;
+
+	if (context == NULL || strstr(context, "with parameters:") == NULL)
+		return (char *) context;
+	initStringInfo(&out);
+	while (*line)
+	{
+		const char *end = strchr(line, '\n');
+		size_t		len = end ? (size_t) (end - line + 1) : strlen(line);
+		char	   *one = pnstrdup(line, len);
+
+		appendStringInfoString(&out, strstr(one, "with parameters:") ? redact_literals(one) : one);
+		line += len;
+	}
+	return out.data;
+}
+
+/*
+ * The hook runs before the entry goes to the server log and to the client,
+ * and changes to edata reach both.  So an entry that also goes to the
+ * client keeps its message (digime's own messages hold no secrets) and only
+ * loses what the server log alone would show: the statement (hidden, and a
+ * redacted copy put in the log-only detail) and bind parameter values.
+ * Entries for the server log alone (log_statement, log_min_duration_statement
+ * lines and their parameters) have every literal blanked.
+ */
 static void
 digime_emit_log_hook(ErrorData *edata)
 {
 	bool		in_statement = names_secret_function(debug_query_string);
 
-	if (in_statement || names_secret_function(edata->message) ||
-		names_secret_function(edata->detail) || names_secret_function(edata->context) ||
-		names_secret_function(edata->internalquery))
+	if (edata->output_to_server &&
+		(in_statement || names_secret_function(edata->message) ||
+		 names_secret_function(edata->detail) || names_secret_function(edata->context) ||
+		 names_secret_function(edata->internalquery)))
 	{
-		edata->message = redact_literals(edata->message);
-		edata->detail = redact_literals(edata->detail);
-		edata->detail_log = redact_literals(edata->detail_log);
-		edata->context = redact_literals(edata->context);
-		edata->internalquery = redact_literals(edata->internalquery);
+		if (!edata->output_to_client)
+		{
+			edata->message = redact_literals(edata->message);
+			edata->detail = redact_literals(edata->detail);
+			edata->detail_log = redact_literals(edata->detail_log);
+			edata->context = redact_literals(edata->context);
+			edata->internalquery = redact_literals(edata->internalquery);
+		}
+		else
+			edata->context = redact_parameter_lines(edata->context);
 		if (in_statement && !edata->hide_stmt)
 		{
-			edata->hide_stmt = true;
-			if (edata->elevel >= ERROR)
-			{
-				char	   *stmt = redact_literals(debug_query_string);
+			const char *detail = edata->detail_log ? edata->detail_log : edata->detail;
+			char	   *stmt = redact_literals(debug_query_string);
 
-				edata->context = edata->context ?
-					psprintf("%s\nstatement (secrets redacted): %s", edata->context, stmt) :
-					psprintf("statement (secrets redacted): %s", stmt);
-			}
+			edata->hide_stmt = true;
+			edata->detail_log = detail ?
+				psprintf("%s\nStatement, secrets redacted: %s", detail, stmt) :
+				psprintf("Statement, secrets redacted: %s", stmt);
 		}
 	}
 	if (prev_emit_log_hook)

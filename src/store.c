@@ -26,6 +26,7 @@
 #include "digime.h"
 
 #include "access/htup_details.h"
+#include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -41,7 +42,10 @@
 
 #define TOKEN_COLUMNS \
 	"contract_id, access_token, refresh_token, access_token_expires_at, " \
-	"refresh_token_expires_at, user_id, consent_id"
+	"refresh_token_expires_at, user_id, consent_id, xmin"
+
+/* First key of the advisory locks that serialize refreshes of one token. */
+#define REFRESH_LOCK_KEY 0x64696D65		/* "dime" */
 
 /* Rows of the caller: $2 = caller oid, $3 = digime.end_user or NULL. */
 #define CALLER_ROWS \
@@ -74,6 +78,7 @@ dm_call_begin(DmCall *call, FunctionCallInfo fcinfo)
 	Oid			owner = extension_owner();
 
 	call->fcinfo = fcinfo;
+	call->owner = owner;
 	call->caller = GetUserId();
 	call->caller_is_admin = superuser_arg(call->caller) ||
 		has_privs_of_role(call->caller, owner);
@@ -126,6 +131,13 @@ static const char *
 caller_end_user(void)
 {
 	return (dm_end_user != NULL && dm_end_user[0] != '\0') ? dm_end_user : NULL;
+}
+
+static void
+set_text_param(Datum *values, char *nulls, int i, const char *s)
+{
+	values[i] = s ? CStringGetTextDatum(s) : (Datum) 0;
+	nulls[i] = s ? ' ' : 'n';
 }
 
 static char *
@@ -260,7 +272,7 @@ dm_token_result(DmCall *call, int64 token_id)
 }
 
 void
-dm_token_load(DmCall *call, int64 token_id, bool for_update, DmStoredToken *out)
+dm_token_load(DmCall *call, int64 token_id, bool serialize, DmStoredToken *out)
 {
 	Oid			types[4] = {INT8OID, OIDOID, TEXTOID, BOOLOID};
 	Datum		values[4];
@@ -270,13 +282,18 @@ dm_token_load(DmCall *call, int64 token_id, bool for_update, DmStoredToken *out)
 
 	values[0] = Int64GetDatum(token_id);
 	values[1] = ObjectIdGetDatum(call->caller);
-	values[2] = end_user ? CStringGetTextDatum(end_user) : (Datum) 0;
-	nulls[2] = end_user ? ' ' : 'n';
+	set_text_param(values, nulls, 2, end_user);
 	values[3] = BoolGetDatum(call->caller_is_admin);
-	run(for_update ?
-		"SELECT " TOKEN_COLUMNS " FROM digime.user_tokens "
-		"WHERE id OPERATOR(pg_catalog.=) $1 AND ($4 OR (" CALLER_ROWS ")) FOR UPDATE" :
-		"SELECT " TOKEN_COLUMNS " FROM digime.user_tokens "
+	if (serialize)
+	{
+		Oid			lock_types[2] = {INT4OID, INT4OID};
+		Datum		lock_values[2] = {Int32GetDatum(REFRESH_LOCK_KEY),
+		Int32GetDatum((int32) (token_id ^ (token_id >> 32)))};
+
+		run("SELECT pg_catalog.pg_advisory_xact_lock($1, $2)",
+			2, lock_types, lock_values, NULL, SPI_OK_SELECT);
+	}
+	run("SELECT " TOKEN_COLUMNS " FROM digime.user_tokens "
 		"WHERE id OPERATOR(pg_catalog.=) $1 AND ($4 OR (" CALLER_ROWS "))",
 		4, types, values, nulls, SPI_OK_SELECT);
 	if (SPI_processed != 1)
@@ -300,16 +317,30 @@ dm_token_load(DmCall *call, int64 token_id, bool for_update, DmStoredToken *out)
 	out->refresh_expires_at = DatumGetTimestampTz(col_datum(5, &isnull));
 	out->user_id = col_text(6);
 	out->consent_id = col_text(7);
+	out->changed_here =
+		TransactionIdIsCurrentTransactionId(DatumGetTransactionId(col_datum(8, &isnull)));
 }
 
-/* Parameters 1..6 common to token insert and update. */
+/* The stored form of t for row id. */
 static void
-token_params(int64 id, const DmUserToken *t, Datum *values, char *nulls)
+token_seal(int64 id, const DmUserToken *t, DmSealedToken *out)
+{
+	out->access_token = dm_seal(t->access_token, token_aad("access_token", id));
+	out->access_expires = t->access_expires;
+	out->refresh_token = dm_seal(t->refresh_token, token_aad("refresh_token", id));
+	out->refresh_expires = t->refresh_expires;
+	out->user_id = t->user_id;
+	out->consent_id = t->consent_id;
+}
+
+/* Parameters 1..7 common to token insert and update. */
+static void
+token_params(int64 id, const DmSealedToken *t, Datum *values, char *nulls)
 {
 	values[0] = Int64GetDatum(id);
-	values[1] = CStringGetTextDatum(dm_seal(t->access_token, token_aad("access_token", id)));
+	values[1] = CStringGetTextDatum(t->access_token);
 	values[2] = Float8GetDatum((double) t->access_expires);
-	values[3] = CStringGetTextDatum(dm_seal(t->refresh_token, token_aad("refresh_token", id)));
+	values[3] = CStringGetTextDatum(t->refresh_token);
 	values[4] = Float8GetDatum((double) t->refresh_expires);
 	values[5] = t->user_id ? CStringGetTextDatum(t->user_id) : (Datum) 0;
 	values[6] = t->consent_id ? CStringGetTextDatum(t->consent_id) : (Datum) 0;
@@ -318,12 +349,6 @@ token_params(int64 id, const DmUserToken *t, Datum *values, char *nulls)
 	nulls[6] = t->consent_id ? ' ' : 'n';
 }
 
-static void
-set_text_param(Datum *values, char *nulls, int i, const char *s)
-{
-	values[i] = s ? CStringGetTextDatum(s) : (Datum) 0;
-	nulls[i] = s ? ' ' : 'n';
-}
 
 int64
 dm_token_insert(DmCall *call, const char *contract_id, const DmUserToken *t,
@@ -336,10 +361,13 @@ dm_token_insert(DmCall *call, const char *contract_id, const DmUserToken *t,
 	bool		isnull;
 	int64		id;
 
+	DmSealedToken sealed;
+
 	run("SELECT pg_catalog.nextval('digime.user_tokens_id_seq')", 0, NULL, NULL, NULL, SPI_OK_SELECT);
 	id = DatumGetInt64(col_datum(1, &isnull));
 
-	token_params(id, t, values, nulls);
+	token_seal(id, t, &sealed);
+	token_params(id, &sealed, values, nulls);
 	values[7] = CStringGetTextDatum(contract_id);
 	nulls[7] = ' ';
 	values[8] = ObjectIdGetDatum(call->caller);
@@ -356,9 +384,9 @@ dm_token_insert(DmCall *call, const char *contract_id, const DmUserToken *t,
 	return id;
 }
 
-void
-dm_token_update(DmCall *call, int64 token_id, const DmUserToken *t,
-				const char *state, const char *account_reference, bool refreshed)
+uint64
+dm_token_write(int64 token_id, const DmSealedToken *t, const char *state,
+			   const char *account_reference, bool refreshed)
 {
 	Oid			types[10] = {INT8OID, TEXTOID, FLOAT8OID, TEXTOID, FLOAT8OID, TEXTOID,
 	TEXTOID, TEXTOID, TEXTOID, BOOLOID};
@@ -370,17 +398,27 @@ dm_token_update(DmCall *call, int64 token_id, const DmUserToken *t,
 	set_text_param(values, nulls, 8, account_reference);
 	values[9] = BoolGetDatum(refreshed);
 	nulls[9] = ' ';
-	run("UPDATE digime.user_tokens SET "
-		"  access_token = $2, access_token_expires_at = pg_catalog.to_timestamp($3), "
-		"  refresh_token = $4, refresh_token_expires_at = pg_catalog.to_timestamp($5), "
-		"  user_id = COALESCE($6, user_id), "
-		"  consent_id = COALESCE($7, consent_id), "
-		"  state = COALESCE($8, state), "
-		"  account_reference = COALESCE($9, account_reference), "
-		"  updated_at = pg_catalog.now(), "
-		"  refreshed_at = CASE WHEN $10 THEN pg_catalog.now() ELSE refreshed_at END "
-		"WHERE id OPERATOR(pg_catalog.=) $1",
-		10, types, values, nulls, SPI_OK_UPDATE);
+	return run("UPDATE digime.user_tokens SET "
+			   "  access_token = $2, access_token_expires_at = pg_catalog.to_timestamp($3), "
+			   "  refresh_token = $4, refresh_token_expires_at = pg_catalog.to_timestamp($5), "
+			   "  user_id = COALESCE($6, user_id), "
+			   "  consent_id = COALESCE($7, consent_id), "
+			   "  state = COALESCE($8, state), "
+			   "  account_reference = COALESCE($9, account_reference), "
+			   "  updated_at = pg_catalog.now(), "
+			   "  refreshed_at = CASE WHEN $10 THEN pg_catalog.now() ELSE refreshed_at END "
+			   "WHERE id OPERATOR(pg_catalog.=) $1",
+			   10, types, values, nulls, SPI_OK_UPDATE);
+}
+
+void
+dm_token_update(DmCall *call, int64 token_id, const DmUserToken *t,
+				const char *state, const char *account_reference, bool refreshed)
+{
+	DmSealedToken sealed;
+
+	token_seal(token_id, t, &sealed);
+	(void) dm_token_write(token_id, &sealed, state, account_reference, refreshed);
 }
 
 void
@@ -499,6 +537,7 @@ dm_token_refresh(DmCall *call, DmContract *c, DmStoredToken *tok)
 {
 	DmUserToken nt;
 	DmApiError	err;
+	DmSealedToken sealed;
 
 	if (!dm_api_refresh(c, tok->refresh_token, &nt, &err))
 	{
@@ -510,7 +549,10 @@ dm_token_refresh(DmCall *call, DmContract *c, DmStoredToken *tok)
 								  tok->id, tok->id));
 		dm_api_raise(&err, NULL);
 	}
-	dm_token_update(call, tok->id, &nt, NULL, NULL, true);
+	/* committed at once when possible: digi.me may have dropped the old pair */
+	token_seal(tok->id, &nt, &sealed);
+	if (!dm_persist_refresh(call->owner, tok, &sealed))
+		(void) dm_token_write(tok->id, &sealed, NULL, NULL, true);
 	dm_secret_free(tok->access_token);
 	dm_secret_free(tok->refresh_token);
 	tok->access_token = nt.access_token;

@@ -496,9 +496,17 @@ class Cluster:
         self.running = False
 
     def init(self):
+        import atexit
         import shutil
+        import signal
+        if os.path.exists(os.path.join(self.data, "postmaster.pid")):     # left by an aborted run
+            as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-m", "immediate", "stop",
+                        check=False)
         if os.path.exists(self.dir):
             shutil.rmtree(self.dir)
+        atexit.register(self.stop)
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # run finally/atexit
         os.makedirs(self.dir)
         os.chmod(self.dir, 0o755)
         for d in (self.data, self.socket, self.keys):
@@ -532,16 +540,17 @@ class Cluster:
             f.seek(since)
             return f.read()
 
-    def start(self, expect_failure=False):
-        """Starts the server; returns True when it runs.  Raises on an unexpected outcome."""
+    def start(self, expect_failure=False, check=True):
+        """Starts the server; returns True when it runs.  With check, raises on an unexpected outcome."""
         self.write_settings()
         r = as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-l", self.log, "-w",
                         "-t", "30", "start", check=False)
         self.running = r.returncode == 0
-        if self.running == expect_failure:
+        if check and self.running == expect_failure:
+            fatal = [l for l in self.log_text().splitlines()[-200:] if " FATAL: " in l or " PANIC: " in l]
             raise RuntimeError("cluster %s: pg_ctl start exited %d (expected %s):\n%s\n%s"
                                % (self.name, r.returncode, "failure" if expect_failure else "success",
-                                  r.stdout, self.log_text()[-3000:]))
+                                  r.stdout, "\n".join(fatal[-10:])))
         return self.running
 
     def stop(self):
@@ -550,9 +559,9 @@ class Cluster:
                         check=False)
         self.running = False
 
-    def restart(self, expect_failure=False):
+    def restart(self, expect_failure=False, check=True):
         self.stop()
-        return self.start(expect_failure)
+        return self.start(expect_failure, check)
 
     def connect(self, dbname="postgres", user="postgres"):
         conn = psycopg2.connect(host=self.socket, port=self.port, dbname=dbname, user=user)
@@ -567,7 +576,39 @@ class Cluster:
         return False
 
 
-def cluster_logs():
-    """Server logs of the extra clusters of this run (050_encryption)."""
-    import glob
-    return sorted(glob.glob(os.path.join(WORK, "clusters", "*", "postgres.log")))
+# --------------------------------------------------------------------------
+# Secrets in logs (050, 090)
+# --------------------------------------------------------------------------
+def fixture_key_bodies():
+    """Base64 bodies of the fixture contract keys used by the suite."""
+    fix = os.path.join(ROOT, "test", "fixtures")
+    return [pem_body(open(os.path.join(fix, p)).read())
+            for p in ("digime-example/read-data.key", "keys/second.pem")]
+
+
+def recorded_secrets():
+    """Lines of test-secrets.txt (record_secret)."""
+    if not os.path.exists(SECRETS_FILE):
+        return []
+    with open(SECRETS_FILE) as f:
+        return [l.rstrip("\n") for l in f if l.strip()]
+
+
+def secret_needles(secret):
+    """What to look for: the secret, and for a long one (a PEM body) each of its 64-character
+    lines, which is how a PEM appears when it is logged with its line breaks."""
+    needles = [secret]
+    encoded = urllib.parse.quote(secret, safe="")
+    if encoded != secret:
+        needles.append(encoded)             # as it would appear in a URL
+    if len(secret) > 64:
+        needles += [secret[i:i + 64] for i in range(0, len(secret), 64) if len(secret[i:i + 64]) >= 16]
+    return needles
+
+
+SECRET_MIN_LEN = 12     # shorter values are placeholders ("code", "verifier") that match ordinary words
+
+
+def find_secrets(text, secrets):
+    """The secrets (of at least SECRET_MIN_LEN characters) of which some needle occurs in text."""
+    return [s for s in secrets if len(s) >= SECRET_MIN_LEN and any(n in text for n in secret_needles(s))]

@@ -126,6 +126,10 @@ def authorize_callback_token():
     auth = [r for r in recs if r["endpoint"] == "oauth/authorize"]
     tap.eq(len(auth), 1, "one POST oauth/authorize")
     a = auth[0]
+    jwks = [r for r in recs if r["endpoint"] == "jwks"]
+    tap.ok(len(jwks) == 1 and jwks[0]["jwt"] is None and jwks[0]["headers"].get("accept") == "application/json"
+           and jwks[0]["path"] == "/v1.7/jwks/oauth",
+           "JWKS fetched once from {base}jwks/oauth, unauthenticated, Accept json (V45)")
     tap.eq((a["method"], a["path"], a["status"]), ("POST", "/v1.7/oauth/authorize", 201),
            "authorize went to {base}oauth/authorize and got 201")
     check_client_jwt(a, KEY1, V30, "authorize JWT")
