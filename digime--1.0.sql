@@ -88,7 +88,8 @@ CREATE TABLE digime.authorizations (
 );
 ALTER SEQUENCE digime.authorizations_id_seq OWNED BY digime.authorizations.id;
 CREATE UNIQUE INDEX authorizations_pending_state
-    ON digime.authorizations (owner_role, state) WHERE status OPERATOR(pg_catalog.=) 'pending';
+    ON digime.authorizations (owner_role, (COALESCE(end_user, '')), state)
+    WHERE status OPERATOR(pg_catalog.=) 'pending';
 CREATE INDEX ON digime.authorizations (token_id);
 COMMENT ON TABLE digime.authorizations IS
   'Authorizations started by digime_authorize_url / digime_reauthorize_url, waiting for (or completed by) digime_handle_callback. Row-level security as on user_tokens.';

@@ -20,7 +20,7 @@
  * Without a key file, values are stored as plaintext.  If digime.key_file
  * is set but digime was not preloaded, the key cannot be loaded; then every
  * write of a secret and every read of a sealed one fails, rather than
- * silently storing plaintext.  During key rotation digime.previous_key_file
+ * silently storing plaintext (checked at each use, so also after a reload).  During key rotation digime.previous_key_file
  * names the old key, which is then used for reading only.
  *
  * IDENTIFICATION
@@ -56,7 +56,7 @@ typedef struct DmKey
 
 static DmKey current_key;
 static DmKey previous_key;
-static bool key_file_not_preloaded = false;
+static bool preloaded = false;	/* loaded by the postmaster at start */
 
 static void
 key_file_fatal(const char *guc, const char *path, const char *why)
@@ -153,10 +153,10 @@ load_key(const char *guc, const char *path, DmKey *k)
 }
 
 void
-dm_crypt_init(bool not_preloaded)
+dm_crypt_init(bool preloading)
 {
-	key_file_not_preloaded = not_preloaded;
-	if (!process_shared_preload_libraries_in_progress)
+	preloaded = preloading;
+	if (!preloading)
 		return;
 	if (dm_key_file != NULL && dm_key_file[0] != '\0')
 		load_key("digime.key_file", dm_key_file, &current_key);
@@ -167,7 +167,7 @@ dm_crypt_init(bool not_preloaded)
 static void
 check_configuration(void)
 {
-	if (key_file_not_preloaded)
+	if (!preloaded && dm_key_file != NULL && dm_key_file[0] != '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_CONFIG_FILE_ERROR),
 				 errmsg("digime.key_file is set, but digime is not in shared_preload_libraries"),

@@ -97,8 +97,10 @@ void
 _PG_init(void)
 {
 	curl_version_info_data *cv;
-	const char *key_file_placeholder;
-	bool		key_file_not_preloaded;
+	bool		preloading = process_shared_preload_libraries_in_progress;
+
+	/* first: from now on, statements with secrets are logged redacted */
+	dm_redact_init();
 
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		ereport(ERROR,
@@ -198,32 +200,27 @@ _PG_init(void)
 							   NULL, NULL, NULL);
 
 	/*
-	 * The key files are read once, in the postmaster: they need
-	 * shared_preload_libraries.  A key file configured while digime is
-	 * loaded later cannot take effect; remember that, so that crypt.c
-	 * refuses to touch secrets instead of writing plaintext.
+	 * The key files are read once, by the postmaster loading
+	 * shared_preload_libraries.  Loaded later, digime cannot define
+	 * postmaster-level settings; they are then configuration-file settings
+	 * that crypt.c only checks, refusing to touch secrets when one is set.
 	 */
-	key_file_placeholder = GetConfigOption("digime.key_file", true, false);
-	key_file_not_preloaded = !process_shared_preload_libraries_in_progress &&
-		key_file_placeholder != NULL && key_file_placeholder[0] != '\0';
-
 	DefineCustomStringVariable("digime.key_file",
 							   "File holding the 256-bit key that encrypts secrets at rest.",
 							   "Needs shared_preload_libraries = 'digime'.",
 							   &dm_key_file,
 							   "",
-							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY,
+							   preloading ? PGC_POSTMASTER : PGC_SIGHUP, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
 	DefineCustomStringVariable("digime.previous_key_file",
 							   "Previous key file, still used to decrypt during key rotation.",
 							   NULL,
 							   &dm_previous_key_file,
 							   "",
-							   PGC_POSTMASTER, GUC_SUPERUSER_ONLY,
+							   preloading ? PGC_POSTMASTER : PGC_SIGHUP, GUC_SUPERUSER_ONLY,
 							   NULL, NULL, NULL);
 
 	MarkGUCPrefixReserved("digime");
 
-	dm_crypt_init(key_file_not_preloaded);
-	dm_redact_init();
+	dm_crypt_init(preloading);
 }

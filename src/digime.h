@@ -325,8 +325,8 @@ extern char *dm_arg_text(FunctionCallInfo fcinfo, int argno, const char *name);
  * crypt.c — optional envelope encryption of secrets at rest
  * ---------------------------------------------------------------------
  */
-/* Loads the key files when preloading; see crypt.c for not_preloaded. */
-extern void dm_crypt_init(bool key_file_not_preloaded);
+/* Loads the key files when preloading (in the postmaster). */
+extern void dm_crypt_init(bool preloading);
 extern bool dm_crypt_enabled(void);
 /* Id of the loaded digime.key_file key, or NULL. */
 extern const char *dm_crypt_key_id(void);

@@ -426,46 +426,50 @@ dm_pending_insert(DmCall *call, const char *kind, const char *contract_id,
 				  const char *state, const char *code_verifier, Jsonb *session,
 				  const char *callback, int64 token_id)
 {
-	Oid			types[11] = {INT8OID, OIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID,
-	JSONBOID, TEXTOID, INT8OID, TEXTOID, FLOAT8OID};
+	Oid			types[11] = {OIDOID, TEXTOID, TEXTOID, INT8OID, TEXTOID, TEXTOID,
+	TEXTOID, JSONBOID, TEXTOID, INT8OID, FLOAT8OID};
 	Datum		values[11];
 	char		nulls[11];
 	bool		isnull;
 	int64		id;
 
-	/* a newer authorization with the same state supersedes the pending one */
-	values[1] = ObjectIdGetDatum(call->caller);
-	values[2] = CStringGetTextDatum(state);
+	/* $1 role, $2 state, $3 end user: shared by the three statements */
+	memset(nulls, ' ', sizeof(nulls));
+	values[0] = ObjectIdGetDatum(call->caller);
+	values[1] = CStringGetTextDatum(state);
+	set_text_param(values, nulls, 2, caller_end_user());
+
+	/* a newer authorization (same role, end user and state) supersedes the pending one */
 	run("UPDATE digime.authorizations SET status = 'superseded', code_verifier = NULL "
 		"WHERE owner_role OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
-		"  AND state OPERATOR(pg_catalog.=) $2 AND status OPERATOR(pg_catalog.=) 'pending'",
-		2, types + 1, values + 1, NULL, SPI_OK_UPDATE);
+		"  AND state OPERATOR(pg_catalog.=) $2 AND end_user IS NOT DISTINCT FROM $3 "
+		"  AND status OPERATOR(pg_catalog.=) 'pending'",
+		3, types, values, nulls, SPI_OK_UPDATE);
 	/* forget the caller's authorizations that expired more than a day ago */
 	run("DELETE FROM digime.authorizations "
 		"WHERE owner_role OPERATOR(pg_catalog.=) $1::pg_catalog.regrole "
-		"  AND expires_at OPERATOR(pg_catalog.<) (pg_catalog.now() OPERATOR(pg_catalog.-) '1 day'::pg_catalog.interval)",
-		1, types + 1, values + 1, NULL, SPI_OK_DELETE);
+		"  AND expires_at OPERATOR(pg_catalog.<) "
+		"      (pg_catalog.now() OPERATOR(pg_catalog.-) '1 day'::pg_catalog.interval)",
+		1, types, values, nulls, SPI_OK_DELETE);
 
 	run("SELECT pg_catalog.nextval('digime.authorizations_id_seq')",
 		0, NULL, NULL, NULL, SPI_OK_SELECT);
 	id = DatumGetInt64(col_datum(1, &isnull));
 
-	memset(nulls, ' ', sizeof(nulls));
-	values[0] = Int64GetDatum(id);
-	values[3] = CStringGetTextDatum(kind);
-	values[4] = CStringGetTextDatum(contract_id);
-	values[5] = CStringGetTextDatum(dm_seal(code_verifier,
+	values[3] = Int64GetDatum(id);
+	values[4] = CStringGetTextDatum(kind);
+	values[5] = CStringGetTextDatum(contract_id);
+	values[6] = CStringGetTextDatum(dm_seal(code_verifier,
 											aad("authorizations", "code_verifier",
 												psprintf(INT64_FORMAT, id))));
-	values[6] = JsonbPGetDatum(session);
-	values[7] = CStringGetTextDatum(callback);
-	values[8] = Int64GetDatum(token_id);
-	nulls[8] = token_id ? ' ' : 'n';
-	set_text_param(values, nulls, 9, caller_end_user());
+	values[7] = JsonbPGetDatum(session);
+	values[8] = CStringGetTextDatum(callback);
+	values[9] = Int64GetDatum(token_id);
+	nulls[9] = token_id ? ' ' : 'n';
 	values[10] = Float8GetDatum((double) dm_authorization_ttl);
-	run("INSERT INTO digime.authorizations (id, owner_role, state, kind, contract_id, "
-		"  code_verifier, session, callback, token_id, end_user, expires_at) "
-		"VALUES ($1, $2::pg_catalog.regrole, $3, $4, $5, $6, $7, $8, $9, $10, "
+	run("INSERT INTO digime.authorizations (owner_role, state, end_user, id, kind, contract_id, "
+		"  code_verifier, session, callback, token_id, expires_at) "
+		"VALUES ($1::pg_catalog.regrole, $2, $3, $4, $5, $6, $7, $8, $9, $10, "
 		"  pg_catalog.now() OPERATOR(pg_catalog.+) pg_catalog.make_interval(secs => $11))",
 		11, types, values, nulls, SPI_OK_INSERT);
 }

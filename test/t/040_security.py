@@ -440,9 +440,10 @@ def foreign_callback():
     location = sb.follow(url)
     parse_code(location)
     seq = sb.last_seq()
-    for who, conn in ((B, conns[B]), (MEMBER, conns[MEMBER]), ("DBA", admin)):
+    for who, role, conn in ((B, B, conns[B]), (MEMBER, MEMBER, conns[MEMBER]), ("DBA", "postgres", admin)):
         e = d.error(conn, "SELECT * FROM digime.digime_handle_callback(%s)", (location,))
-        tap.ok(e is not None and e[0] == DENIED and e[1].startswith("no authorization of role"),
+        tap.ok(e is not None and e[0] == DENIED and
+               e[1] == 'no authorization of role "%s" has the callback\'s state' % role,
                "%s: handle_callback of t040_app_a's state -> 42501" % who, repr(e))
     denied(conns[NONE], NONE, "handle_callback of t040_app_a's state",
            "SELECT * FROM digime.digime_handle_callback(%s)", (location,))

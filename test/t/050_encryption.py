@@ -153,18 +153,18 @@ def runtime_settings():
     conn.close()
 
 
+state = {}     # carried between the phases of extra_cluster
+
+
 @tap.test
 def extra_cluster():
-    cl = d.Cluster("t050").init()
+    cl = state["cluster"] = d.Cluster("t050").init()
     try:
         plaintext_then_encrypted(cl)
         rotation(cl)
         refusals(cl)
     finally:
         cl.stop()
-
-
-state = {}
 
 
 def plaintext_then_encrypted(cl):
@@ -225,7 +225,7 @@ def plaintext_then_encrypted(cl):
     t3 = d.full_authorization(conn, sb, "t050-p", state="p-3")["id"]
     tap.ok(all(v.startswith("dmenc1:%s:" % d.key_id(k1)) for v in secrets_of(conn).values()),
            "new values are sealed")
-    state.update(conn=None, tokens=[t1, t2, t3, row[0][0]], k1=k1, k1_path=k1_path)
+    state.update(tokens=[t1, t2, t3, row[0][0]], k1=k1, k1_path=k1_path)
     conn.close()
 
 
@@ -385,7 +385,7 @@ def refusals(cl):
 @tap.test
 def extra_cluster_log():
     # everything before the not-preloaded phase ran with log_statement = all and debug1
-    log = d.Cluster("t050").log_text()[:state.get("log_end")]
+    log = state["cluster"].log_text()[:state.get("log_end")]
     secrets = sb.secrets()["values"] + d.recorded_secrets()
     tap.ok(len(log) > 20000 and "digime_handle_callback('***')" in log,
            "the extra cluster's log is substantial and has redacted statements")
