@@ -15,6 +15,10 @@ DM_PACKAGES=(make gcc postgresql-15 postgresql-server-dev-15 libcurl4-openssl-de
 
 dm_log() { printf '== %s\n' "$*" >&2; }
 
+# Runs a command as postgres from a directory it may enter (the clone may sit
+# in a directory only root can enter).
+dm_as_postgres() { (cd / && runuser -u postgres -- "$@"); }
+
 dm_require_root() {
     if [ "$(id -u)" != 0 ]; then
         echo "run this as root: it installs packages and starts PostgreSQL as user postgres" >&2
@@ -55,7 +59,7 @@ dm_workdir() {
 dm_cleanup() {
     local rc=$?
     if [ -n "${DM_PGDATA:-}" ] && [ -f "$DM_PGDATA/postmaster.pid" ]; then
-        runuser -u postgres -- "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -m immediate stop >/dev/null 2>&1 || true
+        dm_as_postgres "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -m immediate stop >/dev/null 2>&1 || true
     fi
     if [ -n "${DM_SANDBOX_PID:-}" ]; then
         kill "$DM_SANDBOX_PID" 2>/dev/null || true
@@ -110,7 +114,7 @@ dm_start_cluster() {
     DM_PGDATA="$DM_WORK/pgdata"
     export DM_PGDATA
     install -d -o postgres -g postgres -m 700 "$DM_PGDATA" "$DM_WORK/socket"
-    runuser -u postgres -- "$DM_PG_BIN/initdb" -D "$DM_PGDATA" -A trust -U postgres \
+    dm_as_postgres "$DM_PG_BIN/initdb" -D "$DM_PGDATA" -A trust -U postgres \
         --no-sync -E UTF8 --locale=C >"$DM_WORK/initdb.log" 2>&1
     PGPORT=$(dm_free_port)
     {
@@ -126,6 +130,6 @@ dm_start_cluster() {
     touch "$DM_WORK/postgres.log"
     chown postgres:postgres "$DM_WORK/postgres.log"
     env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY \
-        runuser -u postgres -- "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -l "$DM_WORK/postgres.log" -w start >/dev/null
+        dm_as_postgres "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -l "$DM_WORK/postgres.log" -w start >/dev/null
     export PGHOST="$DM_WORK/socket" PGPORT PGUSER=postgres PGDATABASE=postgres
 }

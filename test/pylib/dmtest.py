@@ -461,9 +461,10 @@ def free_port():
 def as_postgres(*cmd, check=True, timeout=120):
     """Runs a command as user postgres (via runuser) without proxies; returns CompletedProcess."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    # cwd "/": the clone may sit in a directory user postgres cannot enter
     return subprocess.run(["runuser", "-u", "postgres", "--"] + list(cmd), env=env, check=check,
                           timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True)
+                          text=True, cwd="/")
 
 
 class Cluster:
