@@ -15,9 +15,11 @@ DM_PACKAGES=(make gcc postgresql-15 postgresql-server-dev-15 libcurl4-openssl-de
 
 dm_log() { printf '== %s\n' "$*" >&2; }
 
-# Runs a command as postgres from a directory it may enter (the clone may sit
-# in a directory only root can enter).
-dm_as_postgres() { (cd / && runuser -u postgres -- "$@"); }
+# Runs a command as postgres, without proxy settings (all traffic is local),
+# from a directory it may enter (the clone may sit where only root can).
+dm_as_postgres() {
+    (cd / && env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY runuser -u postgres -- "$@")
+}
 
 dm_require_root() {
     if [ "$(id -u)" != 0 ]; then
@@ -129,7 +131,6 @@ dm_start_cluster() {
     } >>"$DM_PGDATA/postgresql.conf"
     touch "$DM_WORK/postgres.log"
     chown postgres:postgres "$DM_WORK/postgres.log"
-    env -u http_proxy -u https_proxy -u HTTP_PROXY -u HTTPS_PROXY \
-        dm_as_postgres "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -l "$DM_WORK/postgres.log" -w start >/dev/null
+    dm_as_postgres "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -l "$DM_WORK/postgres.log" -w start >/dev/null
     export PGHOST="$DM_WORK/socket" PGPORT PGUSER=postgres PGDATABASE=postgres
 }
