@@ -64,7 +64,7 @@ COMMENT ON COLUMN digime.user_tokens.access_token IS 'Secret. Plaintext, or "dme
 COMMENT ON COLUMN digime.user_tokens.access_token_expires_at IS 'Expiry of the access token (API "expires_on", seconds since the Unix epoch).';
 COMMENT ON COLUMN digime.user_tokens.refresh_token IS 'Secret. Plaintext, or "dmenc1:" ciphertext bound to this row.';
 COMMENT ON COLUMN digime.user_tokens.refresh_token_expires_at IS 'Expiry of the refresh token (API "expires_on", seconds since the Unix epoch).';
-COMMENT ON COLUMN digime.user_tokens.state IS 'state of the authorization that produced or last reauthorized the token.';
+COMMENT ON COLUMN digime.user_tokens.state IS 'state of the authorization that created the token (a reauthorization keeps it).';
 COMMENT ON COLUMN digime.user_tokens.account_reference IS 'accountReference of the authorization callback (matches an account''s reference).';
 COMMENT ON COLUMN digime.user_tokens.refreshed_at IS 'Time of the last refresh_token grant.';
 

@@ -17,6 +17,10 @@ SELECT t_err($$SELECT * FROM digime.digime_authorize_url('c', 'https://app.examp
 SELECT t_err($$SELECT * FROM digime.digime_authorize_url('c', 'not a url', 's')$$);
 SELECT t_err($$SELECT * FROM digime.digime_authorize_url('c', 'ftp://app.example/cb', 's')$$);
 SELECT t_err($$SELECT * FROM digime.digime_authorize_url('c', 'https://app.example/cb#top', 's')$$);
+SELECT t_err($$SELECT * FROM digime.digime_authorize_url('c', 'https://user:pw@app.example/cb', 's')$$);
+-- states with control characters, and over-long arguments
+SELECT t_err($$SELECT * FROM digime.digime_authorize_url('c', 'https://app.example/', E'a\x01b')$$);
+SELECT t_err(format('SELECT * FROM digime.digime_authorize_url(%L, %L, %L)', 'c', 'https://app.example/', repeat('s', 16385)));
 -- unknown contract (for the administrator; other roles get 42501, see security)
 SELECT t_err($$SELECT * FROM digime.digime_authorize_url('no-such-contract', 'https://app.example/', 's')$$);
 -- options, validated like the SDK does (V130) and stricter where it fails silently

@@ -13,6 +13,20 @@ SELECT t_err($$SELECT * FROM digime.digime_handle_callback('https://app.example/
 SELECT t_err($$SELECT * FROM digime.digime_handle_callback('https://app.example/return?success=true&state=a&state=b&code=c')$$);
 SELECT t_err($$SELECT * FROM digime.digime_handle_callback('https://app.example/return?success=true&state=nobody&code=c')$$);
 SELECT t_err($$SELECT * FROM digime.digime_handle_callback('https://app.example/return?success=true&state=x%00y&code=c')$$);
+SELECT t_err($$SELECT * FROM digime.digime_handle_callback('https://app.example/return?success=true&state=s&code=%ZZ')$$);
+SELECT t_err(format('SELECT * FROM digime.digime_handle_callback(%L)',
+                    'https://app.example/return?success=true&state=s&code=' || repeat('a', 2000000)));
+-- one state pending for two end users of a role: the callback needs digime.end_user
+SET digime.end_user = 'alice';
+SELECT count(*) FROM digime.digime_authorize_url('yrg1LktWk2gldVk8atD5Pf7Um4c1LnMs', 'https://app.example/return', 'shared');
+SET digime.end_user = 'bob';
+SELECT count(*) FROM digime.digime_authorize_url('yrg1LktWk2gldVk8atD5Pf7Um4c1LnMs', 'https://app.example/return', 'shared');
+RESET digime.end_user;
+SELECT end_user, status FROM digime.authorizations WHERE state = 'shared' ORDER BY end_user;
+SELECT t_err($$SELECT * FROM digime.digime_handle_callback('https://app.example/return?success=true&state=shared&code=regress-code-Tg2')$$);
+SET digime.end_user = 'alice';
+SELECT t_err($$SELECT * FROM digime.digime_handle_callback('https://app.example/return?success=true&state=shared&code=regress-code-Tg2')$$);
+RESET digime.end_user;
 -- an expired authorization is refused (its callback came too late)
 SELECT count(*) FROM digime.digime_authorize_url('yrg1LktWk2gldVk8atD5Pf7Um4c1LnMs', 'https://app.example/return', 'late user');
 UPDATE digime.authorizations SET expires_at = now() - interval '1 second' WHERE state = 'late user';

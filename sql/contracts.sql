@@ -9,6 +9,8 @@ SELECT t_err($$SELECT digime.digime_add_contract('', 'app', 'x')$$);
 SELECT t_err($$SELECT digime.digime_add_contract('c', NULL, 'x')$$);
 SELECT t_err($$SELECT digime.digime_add_contract('c', 'app', NULL)$$);
 SELECT t_err($$SELECT digime.digime_add_contract('c', 'app', 'not a key')$$);
+SELECT t_err($$SELECT digime.digime_add_contract(E'c\n1', 'app', 'x')$$);
+SELECT t_err($$SELECT digime.digime_add_contract('c', 'my app', 'x')$$);
 SELECT t_err($$SELECT digime.digime_add_contract('c', 'app',
   E'-----BEGIN RSA PRIVATE KEY-----\nMIIBOgIBAAJBAKj34GkxFhD9\n-----END RSA PRIVATE KEY-----\n')$$);
 \set weak_key `cat test/fixtures/keys/weak-1024.pem`

@@ -25,6 +25,9 @@ SELECT t_authorize_err();
 SELECT t_authorize_err();
 \! test/sandbox/ctl POST faults '{"endpoint":"oauth/authorize","action":"error","status":418,"code":"Teapot","message":"I am a teapot"}'
 SELECT t_authorize_err();
+-- the API's text is repeated without control characters (no terminal escapes)
+\! test/sandbox/ctl POST faults '{"endpoint":"oauth/authorize","action":"error","status":400,"code":"Weird\nCode","message":"line1\nline2 \u001b[31mred","reference":"ref00000000000000000000000000009"}'
+SELECT t_authorize_err();
 -- V103 the storage shape; X-Error-* headers when the body has no error
 \! test/sandbox/ctl POST faults '{"endpoint":"oauth/authorize","action":"raw","status":400,"content_type":"application/json","body":"{\"error\":\"StorageErr\",\"message\":\"storage message\"}"}'
 SELECT t_authorize_err();

@@ -118,6 +118,8 @@ digime_add_contract(PG_FUNCTION_ARGS)
 	Datum		values[5];
 	Datum		result;
 
+	dm_validate_id("contract_id", contract_id);
+	dm_validate_id("application_id", application_id);
 	contract_key_arg(fcinfo, 2, contract_id, &key);
 	values[0] = CStringGetTextDatum(contract_id);
 	values[1] = CStringGetTextDatum(application_id);
@@ -127,9 +129,15 @@ digime_add_contract(PG_FUNCTION_ARGS)
 
 	dm_call_begin(&call, fcinfo);
 	if (SPI_execute_with_args("INSERT INTO digime.contracts (contract_id, application_id, "
-							  "  private_key, key_bits, key_fingerprint) VALUES ($1, $2, $3, $4, $5)",
+							  "  private_key, key_bits, key_fingerprint) VALUES ($1, $2, $3, $4, $5) "
+							  "ON CONFLICT DO NOTHING",
 							  5, types, values, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "could not insert the contract");
+	if (SPI_processed == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("digi.me contract \"%s\" already exists", contract_id),
+				 errhint("Use digime_rotate_contract_key() to replace its key.")));
 	result = contract_info(&call, contract_id);
 	dm_call_end(&call);
 	dm_secret_free(key.sealed);

@@ -159,7 +159,13 @@ agent_body(JsonbContainer *actions)
 	return b.data;
 }
 
-/* Replaces every occurrence of the call's secrets in s. */
+/* Longest piece of an API error text that is repeated in an error. */
+#define MAX_API_TEXT 500
+
+/*
+ * The API's text made safe to repeat: the call's secrets replaced, control
+ * characters (newlines, terminal escapes) turned into '?', cut to length.
+ */
 static char *
 scrub(const SignedCall *sc, const char *s)
 {
@@ -167,7 +173,10 @@ scrub(const SignedCall *sc, const char *s)
 
 	if (s == NULL)
 		return NULL;
-	out = pstrdup(s);
+	out = pnstrdup(s, MAX_API_TEXT);
+	for (unsigned char *c = (unsigned char *) out; *c; c++)
+		if (*c < 0x20 || *c == 0x7f)
+			*c = '?';
 	for (int i = 0; i < lengthof(sc->secrets) && sc->secrets[i] != NULL; i++)
 	{
 		const char *secret = sc->secrets[i];

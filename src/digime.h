@@ -318,7 +318,13 @@ extern void dm_validate_sources_scope(Jsonb *scope);
 extern void dm_validate_locale(const char *locale);
 extern void dm_validate_callback(const char *callback);
 extern void dm_validate_user_access_token(Jsonb *token);
-/* Raises 22004/22023 for NULL or empty required text arguments. */
+extern void dm_validate_state(const char *state);
+extern void dm_validate_id(const char *name, const char *id);
+
+/* Longest text argument accepted (a PEM key, a callback URL, a state). */
+#define DM_MAX_TEXT_ARG 16384
+
+/* Raises 22004/22023 for NULL, empty or over-long text arguments. */
 extern char *dm_arg_text(FunctionCallInfo fcinfo, int argno, const char *name);
 
 /* ---------------------------------------------------------------------

@@ -118,6 +118,7 @@ digime_authorize_url(PG_FUNCTION_ARGS)
 	StringInfoData q;
 
 	dm_validate_callback(callback);
+	dm_validate_state(state);
 	if (!PG_ARGISNULL(3) && PG_GETARG_INT32(3) <= 0)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -196,6 +197,7 @@ digime_reauthorize_url(PG_FUNCTION_ARGS)
 	DmStoredToken tok;
 	DmContract	c;
 	DmUrlResult res;
+	DmApiError	err;
 	StringInfoData q;
 
 	if (PG_ARGISNULL(0))
@@ -211,14 +213,18 @@ digime_reauthorize_url(PG_FUNCTION_ARGS)
 	/* the callback is matched by state: make one when the caller has none */
 	if (state == NULL)
 		state = dm_random_alnum(DM_NONCE_LEN);
+	dm_validate_state(state);
 
 	InitMaterializedSRF(fcinfo, 0);
 	dm_call_begin(&call, fcinfo);
 	dm_token_load(&call, token_id, false, &tok);
 	dm_contract_load(&call, tok.contract_id, &c);
 	/* no refresh first: this is the path for a refresh token that is dead */
-	(void) dm_api_token_reference(&c, tok.access_token, callback, state,
-								  opts ? &opts->root : NULL, &res, NULL);
+	if (!dm_api_token_reference(&c, tok.access_token, callback, state,
+								opts ? &opts->root : NULL, &res, &err))
+		dm_api_raise(&err, strcmp(err.code, "InvalidToken") == 0 ?
+					 "digi.me does not accept the stored access token for a reauthorization: "
+					 "start a new authorization with digime_authorize_url()." : NULL);
 	dm_secret_free(tok.access_token);
 	dm_secret_free(tok.refresh_token);
 
@@ -375,7 +381,8 @@ digime_handle_callback(PG_FUNCTION_ARGS)
 		dm_token_load(&call, p.token_id, true, &old);
 		dm_secret_free(old.access_token);
 		dm_secret_free(old.refresh_token);
-		dm_token_update(&call, p.token_id, &t, state, account_ref, false);
+		/* the token keeps the state of the authorization that created it */
+		dm_token_update(&call, p.token_id, &t, NULL, account_ref, false);
 		token_id = p.token_id;
 	}
 	else

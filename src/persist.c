@@ -70,6 +70,16 @@ get(PersistShared *sh, int off)
 	return off < 0 ? NULL : sh->data + off;
 }
 
+static void
+warn_in_transaction(int64 token_id, const char *why)
+{
+	ereport(WARNING,
+			(errmsg("refreshed user access token " INT64_FORMAT " is stored in the current transaction",
+					token_id),
+			 errdetail("%s; if this transaction rolls back, the new tokens are lost and the user "
+					   "may have to authorize again.", why)));
+}
+
 bool
 dm_persist_refresh(Oid owner, const DmStoredToken *old, const DmSealedToken *t)
 {
@@ -81,8 +91,13 @@ dm_persist_refresh(Oid owner, const DmStoredToken *old, const DmSealedToken *t)
 	BackgroundWorkerHandle *handle;
 	bool		stored;
 
-	if (IsolationUsesXactSnapshot() || old->changed_here)
+	if (old->changed_here)
+		return false;			/* the caller's own change: a worker would wait for it */
+	if (IsolationUsesXactSnapshot())
+	{
+		warn_in_transaction(old->id, "The transaction uses REPEATABLE READ or SERIALIZABLE");
 		return false;
+	}
 
 	size = offsetof(PersistShared, data) + strlen(t->access_token) + strlen(t->refresh_token) + 2 +
 		(t->user_id ? strlen(t->user_id) + 1 : 0) + (t->consent_id ? strlen(t->consent_id) + 1 : 0);
@@ -113,6 +128,7 @@ dm_persist_refresh(Oid owner, const DmStoredToken *old, const DmSealedToken *t)
 	if (!RegisterDynamicBackgroundWorker(&worker, &handle))
 	{
 		dsm_detach(seg);
+		warn_in_transaction(old->id, "No background worker slot is free (max_worker_processes)");
 		return false;
 	}
 	/* interruptible; a cancelled caller leaves the worker to finish */
@@ -121,6 +137,8 @@ dm_persist_refresh(Oid owner, const DmStoredToken *old, const DmSealedToken *t)
 	stored = sh->result == 1;
 	explicit_bzero(sh->data, used);
 	dsm_detach(seg);
+	if (!stored)
+		warn_in_transaction(old->id, "The token writer could not store it (see the server log)");
 	return stored;
 }
 

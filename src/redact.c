@@ -50,8 +50,8 @@ names_secret_function(const char *s)
 }
 
 /*
- * Copy of s with the contents of '...' (also E'...'), "parameters: $n = '...'"
- * values and $tag$...$tag$ strings replaced by ***.
+ * Copy of s with the contents of '...' (also E'...'), "...", $tag$...$tag$
+ * strings and "JSON data, line N: ..." excerpts replaced by ***.
  */
 static char *
 redact_literals(const char *s)
@@ -64,23 +64,26 @@ redact_literals(const char *s)
 	initStringInfo(&out);
 	while (*p)
 	{
-		if (*p == '\'')
+		if (*p == '\'' || *p == '"')
 		{
-			bool		backslash = p > s && (p[-1] == 'E' || p[-1] == 'e');
+			char		quote = *p;
+			bool		backslash = quote == '\'' && p > s && (p[-1] == 'E' || p[-1] == 'e');
 
 			p++;
 			while (*p)
 			{
 				if (backslash && *p == '\\' && p[1])
 					p += 2;
-				else if (*p == '\'' && p[1] == '\'')
+				else if (*p == quote && p[1] == quote)
 					p += 2;
-				else if (*p == '\'')
+				else if (*p == quote)
 					break;
 				else
 					p++;
 			}
-			appendStringInfoString(&out, "'***'");
+			appendStringInfoChar(&out, quote);
+			appendStringInfoString(&out, "***");
+			appendStringInfoChar(&out, quote);
 			if (*p)
 				p++;
 		}
@@ -100,42 +103,38 @@ redact_literals(const char *s)
 			appendStringInfoString(&out, "'***'");
 			p = close ? close + tag_len : p + strlen(p);
 		}
+		else if (strncmp(p, "JSON data, line ", 16) == 0)
+		{
+			/* PostgreSQL's JSON input errors quote the input without quotes */
+			const char *colon = strstr(p, ": ");
+			const char *eol = strchr(p, '\n');
+
+			if (colon == NULL || (eol != NULL && colon > eol))
+			{
+				appendStringInfoChar(&out, *p++);
+				continue;
+			}
+			appendBinaryStringInfo(&out, p, colon - p + 2);
+			appendStringInfoString(&out, "***");
+			p = eol ? eol : p + strlen(p);
+		}
 		else
 			appendStringInfoChar(&out, *p++);
 	}
 	return out.data;
 }
 
-/* Copy of a CONTEXT text with the values of "... with parameters: $1 = '...'" blanked. */
-static char *
-redact_parameter_lines(const char *context)
-{
-	StringInfoData out;
-	const char *line = context;
-
-	if (context == NULL || strstr(context, "with parameters:") == NULL)
-		return (char *) context;
-	initStringInfo(&out);
-	while (*line)
-	{
-		const char *end = strchr(line, '\n');
-		size_t		len = end ? (size_t) (end - line + 1) : strlen(line);
-		char	   *one = pnstrdup(line, len);
-
-		appendStringInfoString(&out, strstr(one, "with parameters:") ? redact_literals(one) : one);
-		line += len;
-	}
-	return out.data;
-}
-
 /*
  * The hook runs before the entry goes to the server log and to the client,
- * and changes to edata reach both.  So an entry that also goes to the
- * client keeps its message (digime's own messages hold no secrets) and only
- * loses what the server log alone would show: the statement (hidden, and a
- * redacted copy put in the log-only detail) and bind parameter values.
- * Entries for the server log alone (log_statement, log_min_duration_statement
- * lines and their parameters) have every literal blanked.
+ * and changes to edata reach both, except detail_log, which is for the
+ * server log alone.  So an entry of a statement with secrets that also goes
+ * to the client keeps its message and DETAIL for the client (digime's own
+ * texts hold no secrets; PostgreSQL's may quote the caller's input, which
+ * the caller knows) and gets a redacted detail_log for the log; its CONTEXT,
+ * which may quote input too (bind parameters, JSON data), is redacted for
+ * both.  Entries for the server log alone (log_statement,
+ * log_min_duration_statement lines and their parameters) are redacted
+ * whole.  The statement line is replaced by a redacted copy.
  */
 static void
 digime_emit_log_hook(ErrorData *edata)
@@ -147,26 +146,26 @@ digime_emit_log_hook(ErrorData *edata)
 		 names_secret_function(edata->detail) || names_secret_function(edata->context) ||
 		 names_secret_function(edata->internalquery)))
 	{
+		const char *detail;
+
 		if (!edata->output_to_client)
 		{
 			edata->message = redact_literals(edata->message);
 			edata->detail = redact_literals(edata->detail);
-			edata->detail_log = redact_literals(edata->detail_log);
-			edata->context = redact_literals(edata->context);
 			edata->internalquery = redact_literals(edata->internalquery);
 		}
-		else
-			edata->context = redact_parameter_lines(edata->context);
+		edata->context = redact_literals(edata->context);
+		detail = redact_literals(edata->detail_log ? edata->detail_log : edata->detail);
 		if (in_statement && !edata->hide_stmt)
 		{
-			const char *detail = edata->detail_log ? edata->detail_log : edata->detail;
 			char	   *stmt = redact_literals(debug_query_string);
 
 			edata->hide_stmt = true;
-			edata->detail_log = detail ?
+			detail = detail ?
 				psprintf("%s\nStatement, secrets redacted: %s", detail, stmt) :
 				psprintf("Statement, secrets redacted: %s", stmt);
 		}
+		edata->detail_log = (char *) detail;
 	}
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);

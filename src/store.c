@@ -488,6 +488,20 @@ dm_pending_find(DmCall *call, const char *state, DmPending *out)
 	values[0] = CStringGetTextDatum(state);
 	values[1] = ObjectIdGetDatum(call->caller);
 	set_text_param(values, nulls, 2, end_user);
+
+	/* pending for several end users: only digime.end_user can tell which */
+	if (end_user == NULL &&
+		run("SELECT 1 FROM digime.authorizations "
+			"WHERE state OPERATOR(pg_catalog.=) $1 AND " CALLER_ROWS " "
+			"  AND status OPERATOR(pg_catalog.=) 'pending'",
+			3, types, values, nulls, SPI_OK_SELECT) > 1)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("the callback's state is pending for more than one end user of role \"%s\"",
+						GetUserNameFromId(call->caller, false)),
+				 errhint("Set digime.end_user to the end user the callback belongs to, "
+						 "or use states that are unique within the role.")));
+
 	run("SELECT id, kind, contract_id, code_verifier, token_id, status, "
 		"  expires_at OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp() "
 		"FROM digime.authorizations "

@@ -202,8 +202,14 @@ form_decode(const char *s, size_t len)
 	char	   *result;
 
 	for (char *c = plus; *c; c++)
+	{
 		if (*c == '+')
 			*c = ' ';
+		else if (*c == '%' && !(isxdigit((unsigned char) c[1]) && isxdigit((unsigned char) c[2])))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("callback URL has an invalid percent-encoding")));
+	}
 	dec = curl_easy_unescape(NULL, plus, 0, &declen);
 	pfree(plus);
 	if (dec == NULL)

@@ -318,18 +318,47 @@ dm_validate_callback(const char *callback)
 	char	   *fragment = NULL;
 	bool		ok;
 
+	char	   *host = NULL;
+	char	   *user = NULL;
+
 	ok = h != NULL && curl_url_set(h, CURLUPART_URL, callback, 0) == CURLUE_OK &&
 		curl_url_get(h, CURLUPART_SCHEME, &scheme, 0) == CURLUE_OK &&
 		(strcmp(scheme, "https") == 0 || strcmp(scheme, "http") == 0) &&
+		curl_url_get(h, CURLUPART_HOST, &host, 0) == CURLUE_OK && host[0] != '\0' &&
+		curl_url_get(h, CURLUPART_USER, &user, 0) == CURLUE_NO_USER &&
 		curl_url_get(h, CURLUPART_FRAGMENT, &fragment, 0) == CURLUE_NO_FRAGMENT;
 	curl_free(scheme);
+	curl_free(host);
+	curl_free(user);
 	curl_free(fragment);
 	curl_url_cleanup(h);
 	if (!ok)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid callback \"%s\"", callback),
-				 errdetail("The callback must be an absolute http or https URL without a fragment.")));
+				 errdetail("The callback must be an absolute http or https URL with a host, "
+						   "without credentials or fragment.")));
+}
+
+void
+dm_validate_state(const char *state)
+{
+	for (const unsigned char *p = (const unsigned char *) state; *p; p++)
+		if (*p < 0x20 || *p == 0x7f)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("state must not contain control characters")));
+}
+
+/* Contract and application ids: printable ASCII without spaces. */
+void
+dm_validate_id(const char *name, const char *id)
+{
+	for (const unsigned char *p = (const unsigned char *) id; *p; p++)
+		if (*p <= 0x20 || *p >= 0x7f)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("%s must consist of printable ASCII characters other than space", name)));
 }
 
 char *
@@ -341,6 +370,10 @@ dm_arg_text(FunctionCallInfo fcinfo, int argno, const char *name)
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s must not be NULL", name)));
+	if (VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(argno)) > DM_MAX_TEXT_ARG)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s is longer than %d bytes", name, DM_MAX_TEXT_ARG)));
 	s = text_to_cstring(PG_GETARG_TEXT_PP(argno));
 	if (s[0] == '\0')
 		ereport(ERROR,

@@ -363,7 +363,7 @@ def refresh_rejected_then_reauthorize():
     params = callback_params(location)
     tap.eq([n for n, _ in dmtest.query_pairs(location)], ["y", "success", "state", "code"],
            "reauth callback: success, state, code (V141)")
-    before = row_dict("SELECT updated_at, refreshed_at FROM digime.user_tokens WHERE id = %s", (id1,))
+    before = row_dict("SELECT updated_at, refreshed_at, state FROM digime.user_tokens WHERE id = %s", (id1,))
     res = handle_callback(location)
     tap.eq(res["id"], id1, "the callback updates the same token row")
     tap.eq(n_tokens(), n0, "no new token row")
@@ -373,8 +373,10 @@ def refresh_rejected_then_reauthorize():
            and new["refreshToken"]["value"] == pair["refresh_token"]
            and expiries(id1) == (pair["access_expires_on"], pair["refresh_expires_on"]),
            "new token pair and expiries stored")
-    tap.eq((res["user_id"], res["state"], res["consent_id"]), (S["user1"], "reauth-state", pair and pair["consentid"]),
-           "same user, state of the reauthorization, consent kept")
+    # the token keeps the state of the authorization that created it
+    tap.eq((res["user_id"], res["state"], res["consent_id"]), (S["user1"], before["state"], pair and pair["consentid"]),
+           "same user, original state, consent kept")
+    tap.ok(before["state"] != "reauth-state", "the original state differs from the reauthorization's")
     after = row_dict("SELECT updated_at, refreshed_at FROM digime.user_tokens WHERE id = %s", (id1,))
     tap.ok(after["updated_at"] > before["updated_at"] and after["refreshed_at"] == before["refreshed_at"],
            "updated_at advanced; refreshed_at untouched (not a refresh grant)")

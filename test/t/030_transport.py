@@ -339,4 +339,36 @@ def no_leak_per_call():
     c.close()
 
 
+@tap.test
+def refresh_survives_rollback():
+    """A refreshed pair is committed by the token writer: a rollback of the caller keeps it."""
+    tid = q1(conn, "SELECT id FROM digime.digime_handle_callback(%s)", (pending_callback(),))
+    before = dmtest.token_json(conn, tid)
+    c = dmtest.connect(DB)
+    q(c, "BEGIN")
+    q(c, "SELECT id FROM digime.digime_refresh_token(%s)", (tid,))
+    q(c, "ROLLBACK")
+    after = dmtest.token_json(conn, tid)
+    issued = {t["access_token"] for t in sb.tokens()}
+    tap.ok(after["accessToken"]["value"] != before["accessToken"]["value"]
+           and after["accessToken"]["value"] in issued,
+           "READ COMMITTED: the refreshed pair is stored although the caller rolled back")
+    tap.ok(q1(conn, "SELECT refreshed_at IS NOT NULL FROM digime.user_tokens WHERE id = %s", (tid,)),
+           "refreshed_at set by the token writer")
+    tap.ok(error(conn, "SELECT id FROM digime.digime_refresh_token(%s)", (tid,)) is None,
+           "the stored refresh token still works")
+
+    # REPEATABLE READ: written in the caller's transaction, with a WARNING saying so
+    c.notices.clear()
+    q(c, "BEGIN ISOLATION LEVEL REPEATABLE READ")
+    q(c, "SELECT id FROM digime.digime_refresh_token(%s)", (tid,))
+    q(c, "COMMIT")
+    tap.ok(any("is stored in the current transaction" in n and "REPEATABLE READ" in n for n in c.notices),
+           "REPEATABLE READ: WARNING that a rollback would lose the new tokens", c.notices)
+    c.notices.clear()
+    q(c, "SELECT id FROM digime.digime_refresh_token(%s)", (tid,))
+    tap.eq(c.notices, [], "READ COMMITTED: no warning")
+    c.close()
+
+
 tap.run()

@@ -21,6 +21,22 @@ def label(secret):
 
 
 @tap.test
+def secrets_in_failing_statements():
+    """Statements with secrets that PostgreSQL itself rejects (input syntax errors quote the
+    input in CONTEXT/DETAIL): their secrets must not reach the log either."""
+    conn = d.fresh_db("t090")
+    at, rt = "t090-at-%s" % os.urandom(8).hex(), "t090-rt-%s" % os.urandom(8).hex()
+    d.record_secret(at)
+    d.record_secret(rt)
+    bad_json = '{"accessToken":{"value":"%s","expiry":1900000000},"refreshToken":{"value":"%s",' % (at, rt)
+    err = d.error(conn, "SELECT * FROM digime.digime_import_token('c', %s)", (bad_json,))
+    tap.eq(err and err[0], "22P02", "malformed JSON is refused by jsonb input")
+    err = d.error(conn, "SELECT * FROM digime.digime_import_token('c', %s::jsonb)", ('{"x": "%s" ' % at,))
+    tap.eq(err and err[0], "22P02", "malformed JSON with an explicit cast too")
+    conn.close()
+
+
+@tap.test
 def no_secret_in_server_log():
     sandbox = d.Sandbox().secrets()["values"]
     recorded = d.recorded_secrets()
