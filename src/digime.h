@@ -201,8 +201,6 @@ extern void dm_http_request(DmHttpBuild build, void *arg, DmRetryPolicy policy,
 /* One GET without retries; false (never raises) on transport failure. */
 extern bool dm_http_try_get(const char *url, DmHttpResponse *resp);
 
-/* Frees the backend's curl handles (closes kept-alive connections). */
-extern void dm_http_reset(void);
 
 /* ---------------------------------------------------------------------
  * url.c — URLs: configured endpoints, origin checks, form encoding

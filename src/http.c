@@ -78,7 +78,8 @@ typedef struct WriteTarget
 	bool		too_large;
 } WriteTarget;
 
-void
+/* Frees the backend's curl handles (closes kept-alive connections). */
+static void
 dm_http_reset(void)
 {
 	if (dm_multi != NULL && dm_easy != NULL)
