@@ -86,7 +86,11 @@ authorize_with_token(DmCall *call, DmContract *c, const char *callback, const ch
 		return;
 	}
 	dm_token_load(call, token_id, true, &tok);
-	dm_contract_load(call, tok.contract_id, &tc);
+	/* the token's own contract refreshes it; often the same one */
+	if (strcmp(tok.contract_id, c->contract_id) == 0)
+		tc = *c;
+	else
+		dm_contract_load(call, tok.contract_id, &tc);
 	dm_token_refresh_if_due(call, &tc, &tok);
 	if (!dm_api_authorize(c, callback, state, tok.access_token, actions, res, &err))
 	{

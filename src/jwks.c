@@ -80,24 +80,25 @@ entry_clear_keys(JwksEntry *e)
 	e->nkeys = 0;
 }
 
-/*
- * Replaces the cached key set of url with the one in body.  Raises when
- * body is not a JWKS; entries without a usable RSA key are skipped.
- */
-static JwksEntry *
-cache_store(const char *url, const DmHttpResponse *resp)
+/* The "keys" array of a JWKS answer; NULL when the body is not a JWKS. */
+static JsonbContainer *
+jwks_keys(const DmHttpResponse *resp)
 {
 	Jsonb	   *doc = dm_json_parse(resp->body.data, resp->body.len);
-	JsonbContainer *keys = doc ? dm_json_get_array(&doc->root, "keys") : NULL;
-	int			n = keys ? JsonContainerSize(keys) : 0;
+
+	return doc ? dm_json_get_array(&doc->root, "keys") : NULL;
+}
+
+/*
+ * Replaces the cached key set of url with the RSA keys in the JWKS array
+ * keys; entries without a usable RSA signing key are skipped.
+ */
+static JwksEntry *
+cache_store(const char *url, JsonbContainer *keys)
+{
+	int			n = JsonContainerSize(keys);
 	JwksEntry  *e;
 	MemoryContext old;
-
-	if (keys == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
-				 errmsg("digi.me JWKS is not a JSON object with a \"keys\" array"),
-				 errdetail_internal("GET %s", url)));
 
 	old = MemoryContextSwitchTo(TopMemoryContext);
 	e = cache_lookup(url);
@@ -159,6 +160,7 @@ static JwksEntry *
 fetch(const char *url)
 {
 	DmHttpResponse resp;
+	JsonbContainer *keys;
 
 	dm_http_request(build_jwks_get, (void *) url, DM_RETRY_IDEMPOTENT, &resp);
 	if (resp.status < 200 || resp.status > 299)
@@ -166,7 +168,13 @@ fetch(const char *url)
 				(errcode(ERRCODE_DIGIME_VERIFICATION_FAILED),
 				 errmsg("could not fetch the digi.me JWKS"),
 				 errdetail_internal("GET %s answered HTTP status %ld.", url, resp.status)));
-	return cache_store(url, &resp);
+	keys = jwks_keys(&resp);
+	if (keys == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
+				 errmsg("digi.me JWKS is not a JSON object with a \"keys\" array"),
+				 errdetail_internal("GET %s", url)));
+	return cache_store(url, keys);
 }
 
 void
@@ -174,18 +182,15 @@ dm_jwks_prefetch(void)
 {
 	char	   *url = dm_url_join(dm_base_url, "jwks/oauth");
 	DmHttpResponse resp;
+	JsonbContainer *keys;
 
 	/* with no caching the verification fetches it anyway */
 	if (dm_jwks_cache_ttl == 0 || entry_fresh(cache_lookup(url)))
 		return;
 	/* best effort: a failure here is reported by the verification itself */
-	if (dm_http_try_get(url, &resp) && resp.status >= 200 && resp.status <= 299)
-	{
-		Jsonb	   *doc = dm_json_parse(resp.body.data, resp.body.len);
-
-		if (doc != NULL && dm_json_get_array(&doc->root, "keys") != NULL)
-			(void) cache_store(url, &resp);
-	}
+	if (dm_http_try_get(url, &resp) && resp.status >= 200 && resp.status <= 299 &&
+		(keys = jwks_keys(&resp)) != NULL)
+		(void) cache_store(url, keys);
 }
 
 static EVP_PKEY *

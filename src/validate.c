@@ -335,7 +335,7 @@ dm_validate_callback(const char *callback)
 	if (!ok)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("invalid callback \"%s\"", callback),
+				 errmsg("invalid callback"),
 				 errdetail("The callback must be an absolute http or https URL with a host, "
 						   "without credentials or fragment.")));
 }
@@ -364,17 +364,19 @@ dm_validate_id(const char *name, const char *id)
 char *
 dm_arg_text(FunctionCallInfo fcinfo, int argno, const char *name)
 {
+	text	   *t;
 	char	   *s;
 
 	if (PG_ARGISNULL(argno))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
 				 errmsg("%s must not be NULL", name)));
-	if (VARSIZE_ANY_EXHDR(PG_GETARG_TEXT_PP(argno)) > DM_MAX_TEXT_ARG)
+	t = PG_GETARG_TEXT_PP(argno);
+	if (VARSIZE_ANY_EXHDR(t) > DM_MAX_TEXT_ARG)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s is longer than %d bytes", name, DM_MAX_TEXT_ARG)));
-	s = text_to_cstring(PG_GETARG_TEXT_PP(argno));
+	s = text_to_cstring(t);
 	if (s[0] == '\0')
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),

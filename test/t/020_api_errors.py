@@ -519,9 +519,9 @@ def bad_arguments():
         ("contract NULL", "SELECT * FROM digime.digime_authorize_url(NULL, 'https://cb.example/', 'x')", (),
          "22004", "contract_id must not be NULL"),
         ("callback not a URL", "SELECT * FROM digime.digime_authorize_url(%s, 'not a url', 'x')", (C1,),
-         "22023", 'invalid callback "not a url"'),
+         "22023", 'invalid callback'),
         ("callback with fragment", "SELECT * FROM digime.digime_authorize_url(%s, 'https://cb.example/#f', 'x')", (C1,),
-         "22023", 'invalid callback "https://cb.example/#f"'),
+         "22023", 'invalid callback'),
         # V31: the SDK sends state "" as ""; digime needs a state to match the callback
         ("state ''", "SELECT * FROM digime.digime_authorize_url(%s, 'https://cb.example/', '')", (C1,),
          "22023", "state must not be empty"),
