@@ -1,10 +1,10 @@
 # digime — PGXS build.  `make && make install`, then `make installcheck`
 # against a running server that has the test settings (see test/run-tests.sh).
 EXTENSION   = digime
-EXTVERSION  = 1.0
+EXTVERSION  = 1.1
 MODULE_big  = digime
-OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c)))
-DATA        = digime--1.0.sql
+OBJS        = $(patsubst %.c,%.o,$(sort $(wildcard src/*.c src/worker/*.c)))
+DATA        = digime--1.0.sql digime--1.0--1.1.sql
 PGFILEDESC  = "digime - digi.me user authorization from SQL"
 
 PG_CPPFLAGS = -Isrc -DDIGIME_VERSION='"$(EXTVERSION)"'
@@ -19,5 +19,5 @@ include $(PGXS)
 
 EXTRA_CLEAN = test/results
 
-# every object depends on the shared header (PGXS tracks no header dependencies)
-$(OBJS): src/digime.h
+# PGXS tracks no header dependencies: every object depends on every header
+$(OBJS): $(wildcard src/*.h src/worker/*.h)

@@ -46,5 +46,5 @@ RESET ROLE;
 -- regress_app_b's DELETE removed nothing of regress_app_a's
 SELECT count(*) AS app_a_rows FROM digime.user_tokens WHERE owner_role = 'regress_app_a'::regrole;
 -- the administrator sees every row and may act on any token
-SELECT owner_role, count(*) FROM digime.user_tokens GROUP BY 1 ORDER BY 1;
+SELECT owner_role, status, count(*) FROM digime.user_tokens GROUP BY 1, 2 ORDER BY 1, 2;
 SELECT digime.digime_user_access_token(:a_token) #>> '{user,id}' AS admin_reads;

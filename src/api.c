@@ -18,6 +18,12 @@
  */
 #include "digime.h"
 
+#include "api.h"
+#include "crypt.h"
+#include "guc.h"
+#include "jose.h"
+#include "util.h"
+
 #include "datatype/timestamp.h"
 #include "utils/timestamp.h"
 
@@ -31,8 +37,8 @@ typedef struct Claim
 
 #define MAX_CLAIMS 12
 
-/* A signed API call being built; arg of build_signed. */
-typedef struct SignedCall
+/* A signed API call being built; arg of dm_api_build. */
+struct DmApiCall
 {
 	DmContract *contract;
 	const char *path;			/* below digime.base_url */
@@ -43,7 +49,10 @@ typedef struct SignedCall
 	int			nclaims;
 	Claim		claims[MAX_CLAIMS];
 	const char *secrets[4];		/* scrubbed from API error messages */
-} SignedCall;
+};
+typedef struct DmApiCall SignedCall;
+
+const DmRetryPolicy dm_api_token_policy = DM_RETRY_UNPROCESSED;
 
 static void
 call_init(SignedCall *sc, DmContract *c, const char *path)
@@ -91,8 +100,8 @@ unix_ms_now(void)
 }
 
 /* DmHttpBuild: signs the call's claims plus fresh nonce/timestamp/PKCE. */
-static void
-build_signed(void *arg, int attempt, DmHttpRequest *req)
+void
+dm_api_build(void *arg, int attempt, DmHttpRequest *req)
 {
 	SignedCall *sc = (SignedCall *) arg;
 	Claim		claims[MAX_CLAIMS];
@@ -250,19 +259,17 @@ malformed(const SignedCall *sc, const DmHttpResponse *resp, const char *what)
 }
 
 /*
- * Runs the call; returns the JSON object of a 2xx answer.  An error answer
- * fills *err and returns NULL when err is given, else raises.
+ * The JSON object of a 2xx answer.  An error answer fills *err and returns
+ * NULL when err is given, else raises.
  */
 static Jsonb *
-call_api(SignedCall *sc, DmRetryPolicy policy, DmApiError *err)
+read_answer(SignedCall *sc, DmHttpResponse *r, DmApiError *err)
 {
-	DmHttpResponse resp;
+	DmHttpResponse resp = *r;
 	Jsonb	   *doc;
 	DmApiError	e;
 
-	dm_http_request(build_signed, sc, policy, &resp);
 	doc = dm_json_parse(resp.body.data, resp.body.len);
-
 	if (resp.status >= 200 && resp.status <= 299)
 	{
 		if (doc == NULL || !JB_ROOT_IS_OBJECT(doc))
@@ -309,6 +316,16 @@ call_api(SignedCall *sc, DmRetryPolicy policy, DmApiError *err)
 	return NULL;
 }
 
+/* Runs a blocking call; read_answer's result. */
+static Jsonb *
+call_api(SignedCall *sc, DmRetryPolicy policy, DmApiError *err)
+{
+	DmHttpResponse resp;
+
+	dm_http_request(dm_api_build, sc, policy, &resp);
+	return read_answer(sc, &resp, err);
+}
+
 /* The payload of the verified response token in doc's "token". */
 static Jsonb *
 verified_payload(const SignedCall *sc, Jsonb *doc)
@@ -336,6 +353,18 @@ required_string(const SignedCall *sc, JsonbContainer *obj, const char *key, cons
 				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
 				 errmsg("digi.me API answered %s without %s", sc->path, key),
 				 errdetail("The %s has no non-empty string \"%s\".", where, key)));
+	return v;
+}
+
+/* A string of the answer no longer than max bytes; YD010 otherwise. */
+static char *
+capped(const SignedCall *sc, char *v, const char *what, int max)
+{
+	if (v != NULL && strlen(v) > (size_t) max)
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
+				 errmsg("digi.me API answered %s with a %s longer than %d bytes",
+						sc->path, what, max)));
 	return v;
 }
 
@@ -367,7 +396,8 @@ url_call(SignedCall *sc, const char *code_key, DmUrlResult *out, DmApiError *err
 	if (doc == NULL)
 		return false;
 	payload = verified_payload(sc, doc);
-	out->code = required_string(sc, &payload->root, code_key, "response token");
+	out->code = capped(sc, required_string(sc, &payload->root, code_key, "response token"),
+					   code_key, DM_MAX_TOKEN_LEN);
 	out->session = required_session(sc, doc);
 	out->code_verifier = sc->code_verifier;
 	return true;
@@ -429,7 +459,8 @@ dm_api_reference(DmContract *c, const char *type, const char *value)
 	appendStringInfoChar(&body, '}');
 	sc.body = body.data;
 	doc = call_api(&sc, DM_RETRY_IDEMPOTENT, NULL);
-	return required_string(&sc, &doc->root, "id", "answer");
+	return capped(&sc, required_string(&sc, &doc->root, "id", "answer"), "reference id",
+				  DM_MAX_ID_LEN);
 }
 
 /* One of access_token / refresh_token of a token payload (protocol §4.2). */
@@ -444,7 +475,7 @@ token_part(const SignedCall *sc, JsonbContainer *payload, const char *key,
 		ereport(ERROR,
 				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
 				 errmsg("digi.me API answered %s without %s", sc->path, key)));
-	*value = required_string(sc, o, "value", key);
+	*value = capped(sc, required_string(sc, o, "value", key), key, DM_MAX_TOKEN_LEN);
 	/* expires_on is in seconds; a millisecond value would be ~1000x too large */
 	if (!dm_json_get_number(o, "expires_on", &exp) || exp <= 0 || exp > 1e11 ||
 		exp != (double) (int64) exp)
@@ -463,8 +494,9 @@ parse_user_token(const SignedCall *sc, Jsonb *payload, DmUserToken *out)
 	memset(out, 0, sizeof(*out));
 	token_part(sc, &payload->root, "access_token", &out->access_token, &out->access_expires);
 	token_part(sc, &payload->root, "refresh_token", &out->refresh_token, &out->refresh_expires);
-	out->user_id = dm_json_get_string(&payload->root, "sub");
-	out->consent_id = dm_json_get_string(&payload->root, "consentid");
+	out->user_id = capped(sc, dm_json_get_string(&payload->root, "sub"), "sub", DM_MAX_ID_LEN);
+	out->consent_id = capped(sc, dm_json_get_string(&payload->root, "consentid"),
+							 "consentid", DM_MAX_ID_LEN);
 	if ((out->user_id == NULL && (v = dm_json_get(&payload->root, "sub")) != NULL && v->type != jbvNull) ||
 		(out->consent_id == NULL && (v = dm_json_get(&payload->root, "consentid")) != NULL && v->type != jbvNull))
 		ereport(ERROR,
@@ -472,43 +504,45 @@ parse_user_token(const SignedCall *sc, Jsonb *payload, DmUserToken *out)
 				 errmsg("digi.me API answered %s with a non-string sub or consentid", sc->path)));
 }
 
-static bool
-token_call(SignedCall *sc, DmUserToken *out, DmApiError *err)
+bool
+dm_api_token_answer(DmApiCall *sc, DmHttpResponse *resp, DmUserToken *out, DmApiError *err)
 {
-	Jsonb	   *doc;
+	Jsonb	   *doc = read_answer(sc, resp, err);
 
-	/* make sure the keys are at hand before a one-time grant is consumed */
-	dm_jwks_prefetch();
-	doc = call_api(sc, DM_RETRY_UNPROCESSED, err);
 	if (doc == NULL)
 		return false;
 	parse_user_token(sc, verified_payload(sc, doc), out);
 	return true;
 }
 
-bool
-dm_api_exchange_code(DmContract *c, const char *code, const char *code_verifier,
-					 DmUserToken *out, DmApiError *err)
+DmApiCall *
+dm_api_exchange_call(DmContract *c, const char *code, const char *code_verifier)
 {
-	SignedCall	sc;
+	SignedCall *sc = palloc(sizeof(SignedCall));
 
-	call_init(&sc, c, "oauth/token");
-	claim_str(&sc, "code", code);
-	claim_str(&sc, "code_verifier", code_verifier);
-	claim_str(&sc, "grant_type", "authorization_code");
-	add_secret(&sc, code);
-	add_secret(&sc, code_verifier);
-	return token_call(&sc, out, err);
+	call_init(sc, c, "oauth/token");
+	claim_str(sc, "code", code);
+	claim_str(sc, "code_verifier", code_verifier);
+	claim_str(sc, "grant_type", "authorization_code");
+	add_secret(sc, code);
+	add_secret(sc, code_verifier);
+	return sc;
+}
+
+DmApiCall *
+dm_api_refresh_call(DmContract *c, const char *refresh_token)
+{
+	SignedCall *sc = palloc(sizeof(SignedCall));
+
+	call_init(sc, c, "oauth/token");
+	claim_str(sc, "grant_type", "refresh_token");
+	claim_str(sc, "refresh_token", refresh_token);
+	add_secret(sc, refresh_token);
+	return sc;
 }
 
 bool
-dm_api_refresh(DmContract *c, const char *refresh_token, DmUserToken *out, DmApiError *err)
+dm_api_error_transient(const DmApiError *err)
 {
-	SignedCall	sc;
-
-	call_init(&sc, c, "oauth/token");
-	claim_str(&sc, "grant_type", "refresh_token");
-	claim_str(&sc, "refresh_token", refresh_token);
-	add_secret(&sc, refresh_token);
-	return token_call(&sc, out, err);
+	return err->status == 429 || err->status >= 500;
 }

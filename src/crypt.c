@@ -30,6 +30,9 @@
  */
 #include "digime.h"
 
+#include "crypt.h"
+#include "guc.h"
+
 #include "common/base64.h"
 #include "miscadmin.h"
 #include "storage/fd.h"
@@ -39,6 +42,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <openssl/crypto.h>
+#include <openssl/evp.h>
 #include <openssl/err.h>
 
 #define SEAL_PREFIX		"dmenc1:"

@@ -2,11 +2,16 @@
  *
  * flow.c
  *	  SQL-callable functions of the authorization flow: digime_authorize_url,
- *	  digime_handle_callback, digime_exchange_code, digime_refresh_token,
- *	  digime_reauthorize_url, digime_user_access_token, digime_import_token.
+ *	  digime_reauthorize_url, digime_handle_callback, digime_exchange_code,
+ *	  digime_refresh_token, digime_user_access_token,
+ *	  digime_valid_access_token, digime_import_token.
  *
- * Each validates its arguments before anything is sent or stored, runs in a
- * DmCall (store.c), and either completes or raises with nothing written.
+ * Each validates its arguments before anything is sent or stored and runs
+ * in a DmCall (call.c).  The URL calls (oauth/authorize,
+ * oauth/token/reference) run here and write in the caller's transaction;
+ * every token-granting request goes to the digime worker, which commits
+ * the token itself (worker/worker.h), and its result is read back as
+ * committed, so that it is returned even under REPEATABLE READ.
  *
  * IDENTIFICATION
  *	  src/flow.c
@@ -15,7 +20,14 @@
  */
 #include "digime.h"
 
-#include "fmgr.h"
+#include "api.h"
+#include "call.h"
+#include "crypt.h"
+#include "guc.h"
+#include "util.h"
+#include "worker/worker.h"
+
+#include "access/xact.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
@@ -28,16 +40,8 @@ PG_FUNCTION_INFO_V1(digime_handle_callback);
 PG_FUNCTION_INFO_V1(digime_refresh_token);
 PG_FUNCTION_INFO_V1(digime_reauthorize_url);
 PG_FUNCTION_INFO_V1(digime_user_access_token);
+PG_FUNCTION_INFO_V1(digime_valid_access_token);
 PG_FUNCTION_INFO_V1(digime_import_token);
-
-/* Optional text argument: NULL when SQL NULL; "" is refused (22023). */
-static char *
-opt_text(FunctionCallInfo fcinfo, int argno, const char *name)
-{
-	if (PG_ARGISNULL(argno))
-		return NULL;
-	return dm_arg_text(fcinfo, argno, name);
-}
 
 static Jsonb *
 opt_jsonb(FunctionCallInfo fcinfo, int argno)
@@ -66,6 +70,70 @@ return_url_row(FunctionCallInfo fcinfo, const char *url, const char *verifier, J
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 }
 
+static char *
+token_where(int64 token_id)
+{
+	return psprintf("the row of user access token " INT64_FORMAT " in digime.user_tokens",
+					token_id);
+}
+
+/* Raises YD031 / YD030 for a token that cannot be used as it is. */
+static void
+check_token_usable(const DmStoredToken *tok)
+{
+	if (strcmp(tok->status, "revoked") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_TOKEN_REVOKED),
+				 errmsg("user access token " INT64_FORMAT " was revoked", tok->id)));
+	if (strcmp(tok->status, "needs_reauthorization") == 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_NEEDS_REAUTHORIZATION),
+				 errmsg("user access token " INT64_FORMAT " needs reauthorization", tok->id),
+				 errdetail("Its status is needs_reauthorization: digi.me refused its refresh token."),
+				 errhint("Send the user to the URL of digime_reauthorize_url(" INT64_FORMAT ", callback).",
+						 tok->id)));
+}
+
+/*
+ * Has the worker refresh a token (within_ms: only if it still expires
+ * within that; -1: in any case).  The caller's transaction must not hold
+ * the row: the worker could neither see nor wait for its change.
+ */
+static void
+refresh_in_worker(DmCall *call, const DmStoredToken *tok, int64 within_ms, const char *action)
+{
+	DmRequestArgs a;
+	DmReply		r;
+
+	if (tok->changed_here)
+		ereport(ERROR,
+				(errcode(ERRCODE_OBJECT_IN_USE),
+				 errmsg("user access token " INT64_FORMAT " was changed by the current transaction",
+						tok->id),
+				 errdetail("The digime worker that refreshes it can neither see nor wait for an uncommitted change."),
+				 errhint("Commit the change first.")));
+	memset(&a, 0, sizeof(a));
+	a.kind = DM_REQ_REFRESH;
+	a.actor = call->actor;
+	a.token_id = tok->id;
+	a.within_ms = within_ms;
+	a.audit_action = action;
+	dm_worker_request(&a, &r, NULL, token_where(tok->id));
+}
+
+/* The token row as the caller may read it now, with secrets. */
+static void
+load_token(DmCall *call, int64 token_id, DmRead read, DmStoredToken *tok)
+{
+	(void) dm_store_token_load(&call->actor, token_id, true, read, false, tok);
+}
+
+static TimestampTz
+in_ms(int64 ms)
+{
+	return TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+}
+
 /*
  * Calls oauth/authorize for the contract, sending the stored token's access
  * token when user_token_id is given: refreshed first when it expires within
@@ -73,54 +141,55 @@ return_url_row(FunctionCallInfo fcinfo, const char *url, const char *verifier, J
  */
 static void
 authorize_with_token(DmCall *call, DmContract *c, const char *callback, const char *state,
-					 bool with_token, int64 token_id, Jsonb *opts, DmUrlResult *res)
+					 int64 token_id, Jsonb *opts, DmUrlResult *res)
 {
 	DmStoredToken tok;
-	DmContract	tc;
 	DmApiError	err;
 	JsonbContainer *actions = opts ? &opts->root : NULL;
+	int64		margin_ms = (int64) dm_refresh_margin * 1000;
 
-	if (!with_token)
+	load_token(call, token_id, DM_READ_CURRENT, &tok);
+	check_token_usable(&tok);
+	/* the token's own contract must be the caller's too */
+	if (strcmp(tok.contract_id, c->contract_id) != 0)
+		dm_store_contract_load(&call->actor, tok.contract_id, NULL, NULL);
+	if (tok.access_expires_at <= in_ms(margin_ms))
 	{
-		(void) dm_api_authorize(c, callback, state, NULL, actions, res, NULL);
-		return;
+		refresh_in_worker(call, &tok, margin_ms, "refresh_automatic");
+		load_token(call, token_id, DM_READ_LATEST, &tok);
 	}
-	dm_token_load(call, token_id, true, &tok);
-	/* the token's own contract refreshes it; often the same one */
-	if (strcmp(tok.contract_id, c->contract_id) == 0)
-		tc = *c;
-	else
-		dm_contract_load(call, tok.contract_id, &tc);
-	dm_token_refresh_if_due(call, &tc, &tok);
 	if (!dm_api_authorize(c, callback, state, tok.access_token, actions, res, &err))
 	{
 		if (!dm_api_error_is(&err, 401, "InvalidToken"))
 			dm_api_raise(&err, NULL);
-		dm_token_refresh(call, &tc, &tok);
+		refresh_in_worker(call, &tok, -1, "refresh_automatic");
+		load_token(call, token_id, DM_READ_LATEST, &tok);
 		(void) dm_api_authorize(c, callback, state, tok.access_token, actions, res, NULL);
 	}
 	dm_secret_free(tok.access_token);
 	dm_secret_free(tok.refresh_token);
 }
 
-Datum
-digime_authorize_url(PG_FUNCTION_ARGS)
+static Datum
+authorize_url_body(DmCall *call)
 {
+	FunctionCallInfo fcinfo = call->fcinfo;
 	char	   *contract_id = dm_arg_text(fcinfo, 0, "contract_id");
 	char	   *callback = dm_arg_text(fcinfo, 1, "callback");
 	char	   *state = dm_arg_text(fcinfo, 2, "state");
 	Jsonb	   *opts = opt_jsonb(fcinfo, 5);
 	char	   *source_type = PG_ARGISNULL(6) ? "pull" : text_to_cstring(PG_GETARG_TEXT_PP(6));
 	Jsonb	   *sample = opt_jsonb(fcinfo, 7);
-	char	   *locale = opt_text(fcinfo, 8, "locale");
-	char	   *storage_id = opt_text(fcinfo, 10, "storage_id");
+	char	   *locale = dm_arg_opt_text(fcinfo, 8, "locale");
+	char	   *storage_id = dm_arg_opt_text(fcinfo, 10, "storage_id");
 	Jsonb	   *scope = opt_jsonb(fcinfo, 12);
 	char	   *storage_ref = NULL;
-	DmCall		call;
 	DmContract	c;
 	DmUrlResult res;
 	StringInfoData q;
+	int64		id;
 
+	call->audit.contract_id = contract_id;
 	dm_validate_callback(callback);
 	dm_validate_state(state);
 	if (!PG_ARGISNULL(3) && PG_GETARG_INT32(3) <= 0)
@@ -142,10 +211,15 @@ digime_authorize_url(PG_FUNCTION_ARGS)
 		dm_validate_sources_scope(scope);
 
 	InitMaterializedSRF(fcinfo, 0);
-	dm_call_begin(&call, fcinfo);
-	dm_contract_load(&call, contract_id, &c);
-	authorize_with_token(&call, &c, callback, state, !PG_ARGISNULL(4),
-						 PG_ARGISNULL(4) ? 0 : PG_GETARG_INT64(4), opts, &res);
+	dm_call_enter(call);
+	dm_store_contract_load(&call->actor, contract_id, &c, CurrentMemoryContext);
+	if (PG_ARGISNULL(4))
+		(void) dm_api_authorize(&c, callback, state, NULL, opts ? &opts->root : NULL, &res, NULL);
+	else
+	{
+		call->audit.token_id = PG_GETARG_INT64(4);
+		authorize_with_token(call, &c, callback, state, PG_GETARG_INT64(4), opts, &res);
+	}
 	if (storage_id)
 		storage_ref = dm_api_reference(&c, "cloudId", storage_id);
 
@@ -180,35 +254,38 @@ digime_authorize_url(PG_FUNCTION_ARGS)
 		dm_form_append(&q, "sourcesScope", dm_uri_component(js.data));
 	}
 
-	dm_pending_insert(&call, "authorize", contract_id, state, res.code_verifier,
-					  res.session, callback, 0);
+	id = dm_store_pending_insert(&call->actor, "authorize", contract_id, state, res.code_verifier,
+								 res.session, callback, 0, dm_authorization_ttl);
+	call->audit.reference = psprintf("authorization " INT64_FORMAT, id);
 	return_url_row(fcinfo, psprintf("%sauthorize?%s", dm_onboard_url, q.data),
 				   res.code_verifier, res.session);
 	dm_secret_free(res.code_verifier);
-	dm_call_end(&call);
 	return (Datum) 0;
 }
 
 Datum
-digime_reauthorize_url(PG_FUNCTION_ARGS)
+digime_authorize_url(PG_FUNCTION_ARGS)
 {
-	int64		token_id;
+	return dm_call_run(fcinfo, "authorize", true, authorize_url_body);
+}
+
+static Datum
+reauthorize_url_body(DmCall *call)
+{
+	FunctionCallInfo fcinfo = call->fcinfo;
+	int64		token_id = dm_arg_id(fcinfo, 0, "token_id");
 	char	   *callback = dm_arg_text(fcinfo, 1, "callback");
-	char	   *state = opt_text(fcinfo, 2, "state");
-	char	   *locale = opt_text(fcinfo, 3, "locale");
+	char	   *state = dm_arg_opt_text(fcinfo, 2, "state");
+	char	   *locale = dm_arg_opt_text(fcinfo, 3, "locale");
 	Jsonb	   *opts = opt_jsonb(fcinfo, 4);
-	DmCall		call;
 	DmStoredToken tok;
 	DmContract	c;
 	DmUrlResult res;
 	DmApiError	err;
 	StringInfoData q;
+	int64		id;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("token_id must not be NULL")));
-	token_id = PG_GETARG_INT64(0);
+	call->audit.token_id = token_id;
 	dm_validate_callback(callback);
 	if (locale)
 		dm_validate_locale(locale);
@@ -220,9 +297,12 @@ digime_reauthorize_url(PG_FUNCTION_ARGS)
 	dm_validate_state(state);
 
 	InitMaterializedSRF(fcinfo, 0);
-	dm_call_begin(&call, fcinfo);
-	dm_token_load(&call, token_id, false, &tok);
-	dm_contract_load(&call, tok.contract_id, &c);
+	dm_call_enter(call);
+	load_token(call, token_id, DM_READ_CURRENT, &tok);
+	if (strcmp(tok.status, "revoked") == 0)
+		check_token_usable(&tok);
+	call->audit.contract_id = tok.contract_id;
+	dm_store_contract_load(&call->actor, tok.contract_id, &c, CurrentMemoryContext);
 	/* no refresh first: this is the path for a refresh token that is dead */
 	if (!dm_api_token_reference(&c, tok.access_token, callback, state,
 								opts ? &opts->root : NULL, &res, &err))
@@ -239,186 +319,115 @@ digime_reauthorize_url(PG_FUNCTION_ARGS)
 		dm_form_append(&q, "lng", locale);
 	form_bool(&q, fcinfo, 5, "triggerQuery");
 
-	dm_pending_insert(&call, "reauthorize", tok.contract_id, state, res.code_verifier,
-					  res.session, callback, token_id);
+	id = dm_store_pending_insert(&call->actor, "reauthorize", tok.contract_id, state,
+								 res.code_verifier, res.session, callback, token_id,
+								 dm_authorization_ttl);
+	call->audit.reference = psprintf("authorization " INT64_FORMAT, id);
 	return_url_row(fcinfo, psprintf("%suser-reauth?%s", dm_onboard_url, q.data),
 				   res.code_verifier, res.session);
 	dm_secret_free(res.code_verifier);
-	dm_call_end(&call);
 	return (Datum) 0;
+}
+
+Datum
+digime_reauthorize_url(PG_FUNCTION_ARGS)
+{
+	return dm_call_run(fcinfo, "reauthorize", true, reauthorize_url_body);
+}
+
+static Datum
+exchange_code_body(DmCall *call)
+{
+	FunctionCallInfo fcinfo = call->fcinfo;
+	char	   *contract_id = dm_arg_text(fcinfo, 0, "contract_id");
+	char	   *code = dm_arg_text(fcinfo, 1, "authorization_code");
+	char	   *verifier = dm_arg_text(fcinfo, 2, "code_verifier");
+	DmRequestArgs a;
+	DmReply		r;
+
+	call->audit.contract_id = contract_id;
+	if (strlen(code) > DM_MAX_TOKEN_LEN || strlen(verifier) > DM_MAX_TOKEN_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("authorization_code and code_verifier must not be longer than %d bytes",
+						DM_MAX_TOKEN_LEN)));
+	/* the worker checks the contract and audits the exchange */
+	call->audit.action = NULL;
+	memset(&a, 0, sizeof(a));
+	a.kind = DM_REQ_EXCHANGE_CODE;
+	a.actor = call->actor;
+	a.contract_id = contract_id;
+	a.code = code;
+	a.code_verifier = verifier;
+	dm_worker_request(&a, &r, NULL, "digime.user_tokens (the newest row of the contract)");
+	dm_secret_free(code);
+	dm_secret_free(verifier);
+	return dm_call_token_result(call, r.token_id, DM_READ_LATEST);
 }
 
 Datum
 digime_exchange_code(PG_FUNCTION_ARGS)
 {
-	char	   *contract_id = dm_arg_text(fcinfo, 0, "contract_id");
-	char	   *code = dm_arg_text(fcinfo, 1, "authorization_code");
-	char	   *verifier = dm_arg_text(fcinfo, 2, "code_verifier");
-	DmCall		call;
-	DmContract	c;
-	DmUserToken t;
-	int64		id;
-	Datum		result;
-
-	dm_call_begin(&call, fcinfo);
-	dm_contract_load(&call, contract_id, &c);
-	(void) dm_api_exchange_code(&c, code, verifier, &t, NULL);
-	id = dm_token_insert(&call, contract_id, &t, NULL, NULL);
-	result = dm_token_result(&call, id);
-	dm_call_end(&call);
-	dm_secret_free(code);
-	dm_secret_free(verifier);
-	PG_RETURN_DATUM(result);
+	return dm_call_run(fcinfo, "exchange", true, exchange_code_body);
 }
 
-/* The one value of a callback parameter, or NULL; 22023 when repeated. */
-static char *
-callback_param(List *params, const char *name)
+static Datum
+handle_callback_body(DmCall *call)
 {
-	ListCell   *lc;
-	char	   *value = NULL;
+	char	   *url = dm_arg_text(call->fcinfo, 0, "callback_url");
+	DmCallback	cb;
+	DmRequestArgs a;
+	DmReply		r;
 
-	foreach(lc, params)
-	{
-		DmQueryParam *p = lfirst(lc);
-
-		if (strcmp(p->name, name) != 0)
-			continue;
-		if (value != NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-					 errmsg("callback URL has more than one \"%s\" parameter", name)));
-		value = p->value;
-	}
-	return value;
-}
-
-static char *
-required_callback_param(List *params, const char *name)
-{
-	char	   *v = callback_param(params, name);
-
-	if (v == NULL || v[0] == '\0')
+	dm_callback_parse(url, &cb);
+	if (!cb.success)
 		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("callback URL has no \"%s\" parameter", name)));
-	return v;
+				(errcode(ERRCODE_DIGIME_CALLBACK_ERROR),
+				 errmsg("digi.me authorization failed: %s",
+						cb.error_code ? cb.error_code : "no errorCode"),
+				 errdetail("The callback reported success=false, errorCode \"%s\".",
+						   cb.error_code ? cb.error_code : "")));
+	/* the worker finds, checks and claims the authorization, and audits */
+	call->audit.action = NULL;
+	memset(&a, 0, sizeof(a));
+	a.kind = DM_REQ_CALLBACK;
+	a.actor = call->actor;
+	a.state = cb.state;
+	a.code = cb.code;
+	a.account_reference = cb.account_reference;
+	dm_worker_request(&a, &r, NULL,
+					  "digime.user_tokens; the same callback URL again returns the stored token");
+	return dm_call_token_result(call, r.token_id, DM_READ_LATEST);
 }
 
 Datum
 digime_handle_callback(PG_FUNCTION_ARGS)
 {
-	char	   *url = dm_arg_text(fcinfo, 0, "callback_url");
-	List	   *params = dm_query_parse(url);
-	char	   *success = required_callback_param(params, "success");
-	char	   *state;
-	char	   *code;
-	char	   *account_ref;
-	DmCall		call;
-	DmPending	p;
-	DmContract	c;
-	DmUserToken t;
-	DmApiError	err;
-	int64		token_id;
-	Datum		result;
+	return dm_call_run(fcinfo, "exchange", true, handle_callback_body);
+}
 
-	if (strcmp(success, "false") == 0)
-	{
-		char	   *error_code = callback_param(params, "errorCode");
+static Datum
+refresh_token_body(DmCall *call)
+{
+	int64		token_id = dm_arg_id(call->fcinfo, 0, "token_id");
+	DmStoredToken tok;
 
-		ereport(ERROR,
-				(errcode(ERRCODE_DIGIME_CALLBACK_ERROR),
-				 errmsg("digi.me authorization failed: %s", error_code ? error_code : "no errorCode"),
-				 errdetail("The callback reported success=false, errorCode \"%s\".",
-						   error_code ? error_code : "")));
-	}
-	if (strcmp(success, "true") != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("callback URL has success=\"%s\"; \"true\" or \"false\" expected", success)));
-	state = required_callback_param(params, "state");
-	code = required_callback_param(params, "code");
-	account_ref = callback_param(params, "accountReference");
-
-	dm_call_begin(&call, fcinfo);
-	if (!dm_pending_find(&call, state, &p))
-		ereport(ERROR,
-				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
-				 errmsg("no authorization of role \"%s\" has the callback's state",
-						GetUserNameFromId(call.caller, false)),
-				 errdetail("Only the role that called digime_authorize_url or digime_reauthorize_url can complete it.")));
-	if (strcmp(p.status, "completed") == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_DIGIME_AUTHORIZATION_USED),
-				 errmsg("authorization " INT64_FORMAT " was already completed", p.id)));
-	if (strcmp(p.status, "superseded") == 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_DIGIME_AUTHORIZATION_SUPERSEDED),
-				 errmsg("authorization " INT64_FORMAT " was superseded by a newer one with the same state",
-						p.id)));
-	if (p.expired)
-		ereport(ERROR,
-				(errcode(ERRCODE_DIGIME_AUTHORIZATION_EXPIRED),
-				 errmsg("authorization " INT64_FORMAT " has expired", p.id),
-				 errdetail("Its callback came later than digime.authorization_ttl after it started."),
-				 errhint("Start a new authorization.")));
-
-	dm_contract_load(&call, p.contract_id, &c);
-	if (!dm_api_exchange_code(&c, code, p.code_verifier, &t, &err))
-	{
-		/* the code of an older, superseded authorization fails PKCE */
-		if (strcmp(err.code, "InvalidGrant") == 0 && dm_pending_has_superseded(&call, state))
-			ereport(ERROR,
-					(errcode(ERRCODE_DIGIME_AUTHORIZATION_SUPERSEDED),
-					 errmsg("the callback belongs to an authorization that was superseded"),
-					 errdetail("digi.me refused the code for the newest authorization with this state (%s: %s).",
-							   err.code, err.message),
-					 errhint("The user must finish the newest authorization URL.")));
-		dm_api_raise(&err, NULL);
-	}
-	dm_secret_free(p.code_verifier);
-
-	if (strcmp(p.kind, "reauthorize") == 0)
-	{
-		DmStoredToken old;
-
-		dm_token_load(&call, p.token_id, true, &old);
-		dm_secret_free(old.access_token);
-		dm_secret_free(old.refresh_token);
-		/* the token keeps the state of the authorization that created it */
-		dm_token_update(&call, p.token_id, &t, NULL, account_ref, false);
-		token_id = p.token_id;
-	}
-	else
-		token_id = dm_token_insert(&call, p.contract_id, &t, state, account_ref);
-	dm_pending_complete(&call, p.id, token_id);
-	result = dm_token_result(&call, token_id);
-	dm_call_end(&call);
-	dm_secret_free(code);
-	PG_RETURN_DATUM(result);
+	call->audit.token_id = token_id;
+	dm_call_enter(call);
+	/* only a transaction that wrote something can hold the row */
+	tok.id = token_id;
+	tok.changed_here = false;
+	if (GetTopTransactionIdIfAny() != InvalidTransactionId)
+		(void) dm_store_token_load(&call->actor, token_id, false, DM_READ_CURRENT, false, &tok);
+	call->audit.action = NULL;	/* the worker audits */
+	refresh_in_worker(call, &tok, -1, "refresh");
+	return dm_call_token_result(call, token_id, DM_READ_LATEST);
 }
 
 Datum
 digime_refresh_token(PG_FUNCTION_ARGS)
 {
-	DmCall		call;
-	DmStoredToken tok;
-	DmContract	c;
-	Datum		result;
-
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("token_id must not be NULL")));
-	dm_call_begin(&call, fcinfo);
-	dm_token_load(&call, PG_GETARG_INT64(0), true, &tok);
-	dm_contract_load(&call, tok.contract_id, &c);
-	dm_token_refresh(&call, &c, &tok);
-	dm_secret_free(tok.access_token);
-	dm_secret_free(tok.refresh_token);
-	result = dm_token_result(&call, tok.id);
-	dm_call_end(&call);
-	PG_RETURN_DATUM(result);
+	return dm_call_run(fcinfo, "refresh", true, refresh_token_body);
 }
 
 static int64
@@ -427,53 +436,106 @@ epoch_seconds(TimestampTz ts)
 	return (int64) timestamptz_to_time_t(ts);
 }
 
-Datum
-digime_user_access_token(PG_FUNCTION_ARGS)
+/* The SDK's UserAccessToken (protocol §4.2), expiries in seconds. */
+static Datum
+user_access_token_json(DmCall *call, DmStoredToken *tok)
 {
-	DmCall		call;
-	DmStoredToken tok;
 	StringInfoData js;
-	bool		first = true;
+	bool		first;
 	bool		inner;
 	Jsonb	   *result;
 	MemoryContext old;
 
-	if (PG_ARGISNULL(0))
-		ereport(ERROR,
-				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
-				 errmsg("token_id must not be NULL")));
-	dm_call_begin(&call, fcinfo);
-	dm_token_load(&call, PG_GETARG_INT64(0), false, &tok);
-	dm_contract_load(&call, tok.contract_id, NULL);
-
-	/* the SDK's UserAccessToken (protocol §4.2), expiries in seconds */
 	initStringInfo(&js);
 	appendStringInfoString(&js, "{\"accessToken\":{");
 	inner = true;
-	dm_json_member_string(&js, &inner, "value", tok.access_token);
-	dm_json_member_int64(&js, &inner, "expiry", epoch_seconds(tok.access_expires_at));
+	dm_json_member_string(&js, &inner, "value", tok->access_token);
+	dm_json_member_int64(&js, &inner, "expiry", epoch_seconds(tok->access_expires_at));
 	appendStringInfoString(&js, "},\"refreshToken\":{");
 	inner = true;
-	dm_json_member_string(&js, &inner, "value", tok.refresh_token);
-	dm_json_member_int64(&js, &inner, "expiry", epoch_seconds(tok.refresh_expires_at));
+	dm_json_member_string(&js, &inner, "value", tok->refresh_token);
+	dm_json_member_int64(&js, &inner, "expiry", epoch_seconds(tok->refresh_expires_at));
 	appendStringInfoString(&js, "},\"user\":{");
 	inner = true;
-	if (tok.user_id)
-		dm_json_member_string(&js, &inner, "id", tok.user_id);
+	if (tok->user_id)
+		dm_json_member_string(&js, &inner, "id", tok->user_id);
 	appendStringInfoChar(&js, '}');
 	first = false;
-	if (tok.consent_id)
-		dm_json_member_string(&js, &first, "consentid", tok.consent_id);
+	if (tok->consent_id)
+		dm_json_member_string(&js, &first, "consentid", tok->consent_id);
 	appendStringInfoChar(&js, '}');
 
-	old = MemoryContextSwitchTo(call.outer_cxt);
+	old = MemoryContextSwitchTo(call->outer_cxt);
 	result = DatumGetJsonbP(DirectFunctionCall1(jsonb_in, CStringGetDatum(js.data)));
 	MemoryContextSwitchTo(old);
 	dm_secret_free(js.data);
-	dm_secret_free(tok.access_token);
-	dm_secret_free(tok.refresh_token);
-	dm_call_end(&call);
-	PG_RETURN_JSONB_P(result);
+	dm_secret_free(tok->access_token);
+	dm_secret_free(tok->refresh_token);
+	return JsonbPGetDatum(result);
+}
+
+static Datum
+user_access_token_body(DmCall *call)
+{
+	int64		token_id = dm_arg_id(call->fcinfo, 0, "token_id");
+	DmStoredToken tok;
+
+	dm_call_enter(call);
+	load_token(call, token_id, DM_READ_CURRENT, &tok);
+	if (strcmp(tok.status, "revoked") == 0)
+		check_token_usable(&tok);
+	dm_store_contract_load(&call->actor, tok.contract_id, NULL, NULL);
+	return user_access_token_json(call, &tok);
+}
+
+Datum
+digime_user_access_token(PG_FUNCTION_ARGS)
+{
+	return dm_call_run(fcinfo, NULL, false, user_access_token_body);
+}
+
+static Datum
+valid_access_token_body(DmCall *call)
+{
+	FunctionCallInfo fcinfo = call->fcinfo;
+	int64		token_id = dm_arg_id(fcinfo, 0, "token_id");
+	int64		min_ms = dm_arg_interval_ms(fcinfo, 1, "min_validity");
+	DmStoredToken tok;
+
+	dm_call_enter(call);
+	load_token(call, token_id, DM_READ_CURRENT, &tok);
+	check_token_usable(&tok);
+	dm_store_contract_load(&call->actor, tok.contract_id, NULL, NULL);
+	if (tok.access_expires_at <= in_ms(min_ms))
+	{
+		if (tok.refresh_expires_at <= GetCurrentTimestamp())
+			ereport(ERROR,
+					(errcode(ERRCODE_DIGIME_NEEDS_REAUTHORIZATION),
+					 errmsg("user access token " INT64_FORMAT " needs reauthorization", token_id),
+					 errdetail("Its status is %s, but its refresh token has expired.", tok.status),
+					 errhint("Send the user to the URL of digime_reauthorize_url(" INT64_FORMAT ", callback).",
+							 token_id)));
+		/* a refresh writes: refused before anything is sent where it cannot */
+		dm_call_check_writable("digime_valid_access_token");
+		refresh_in_worker(call, &tok, min_ms, "refresh_automatic");
+		load_token(call, token_id, DM_READ_LATEST, &tok);
+		if (tok.access_expires_at <= in_ms(min_ms))
+			ereport(ERROR,
+					(errcode(ERRCODE_DIGIME_NEEDS_REAUTHORIZATION),
+					 errmsg("user access token " INT64_FORMAT " expires within min_validity even after a refresh",
+							token_id),
+					 errdetail("Its status is %s; digi.me issued an access token that expires too soon.",
+							   tok.status),
+					 errhint("Ask for a shorter min_validity, or send the user to digime_reauthorize_url(" INT64_FORMAT ", callback).",
+							 token_id)));
+	}
+	return user_access_token_json(call, &tok);
+}
+
+Datum
+digime_valid_access_token(PG_FUNCTION_ARGS)
+{
+	return dm_call_run(fcinfo, NULL, false, valid_access_token_body);
 }
 
 /* accessToken / refreshToken of an imported UserAccessToken. */
@@ -489,6 +551,10 @@ import_part(Jsonb *doc, const char *key, char **value, int64 *expiry)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("user_access_token.%s.value must not be empty", key)));
+	if (strlen(*value) > DM_MAX_TOKEN_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("user_access_token.%s.value is longer than %d bytes", key, DM_MAX_TOKEN_LEN)));
 	if (e <= 0 || e > 1e11 || e != (double) (int64) e)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -497,17 +563,27 @@ import_part(Jsonb *doc, const char *key, char **value, int64 *expiry)
 	*expiry = (int64) e;
 }
 
-Datum
-digime_import_token(PG_FUNCTION_ARGS)
+static char *
+import_id(char *value, const char *path)
 {
+	if (value != NULL && strlen(value) > DM_MAX_ID_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("user_access_token.%s is longer than %d bytes", path, DM_MAX_ID_LEN)));
+	return value;
+}
+
+static Datum
+import_token_body(DmCall *call)
+{
+	FunctionCallInfo fcinfo = call->fcinfo;
 	char	   *contract_id = dm_arg_text(fcinfo, 0, "contract_id");
 	Jsonb	   *doc;
 	JsonbContainer *user;
 	DmUserToken t;
-	DmCall		call;
 	int64		id;
-	Datum		result;
 
+	call->audit.contract_id = contract_id;
 	if (PG_ARGISNULL(1))
 		ereport(ERROR,
 				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
@@ -518,13 +594,18 @@ digime_import_token(PG_FUNCTION_ARGS)
 	import_part(doc, "accessToken", &t.access_token, &t.access_expires);
 	import_part(doc, "refreshToken", &t.refresh_token, &t.refresh_expires);
 	user = dm_json_get_object(&doc->root, "user");
-	t.user_id = user ? dm_json_get_string(user, "id") : NULL;
-	t.consent_id = dm_json_get_string(&doc->root, "consentid");
+	t.user_id = import_id(user ? dm_json_get_string(user, "id") : NULL, "user.id");
+	t.consent_id = import_id(dm_json_get_string(&doc->root, "consentid"), "consentid");
 
-	dm_call_begin(&call, fcinfo);
-	dm_contract_load(&call, contract_id, NULL);
-	id = dm_token_insert(&call, contract_id, &t, NULL, NULL);
-	result = dm_token_result(&call, id);
-	dm_call_end(&call);
-	PG_RETURN_DATUM(result);
+	dm_call_enter(call);
+	dm_store_contract_load(&call->actor, contract_id, NULL, NULL);
+	id = dm_store_token_insert(&call->actor, contract_id, &t, NULL, NULL);
+	call->audit.token_id = id;
+	return dm_call_token_result(call, id, DM_READ_CURRENT);
+}
+
+Datum
+digime_import_token(PG_FUNCTION_ARGS)
+{
+	return dm_call_run(fcinfo, "import", true, import_token_body);
 }

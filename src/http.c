@@ -1,11 +1,13 @@
 /*-------------------------------------------------------------------------
  *
  * http.c
- *	  HTTPS requests to the digi.me API from inside a backend, with libcurl.
+ *	  HTTPS requests to the digi.me API with libcurl: the policy shared by
+ *	  both drivers (one attempt's options, its classification, the retry
+ *	  rule, transport errors) and the blocking driver used by backends.
  *
- * One curl multi handle and one easy handle live for the whole backend,
- * so connections (and TLS sessions) are kept alive between calls.  The
- * transfer is driven by curl_multi_poll in 100 ms slices with
+ * Blocking driver: one curl multi handle and one easy handle live for the
+ * whole process, so connections (and TLS sessions) are kept alive between
+ * calls.  The transfer is driven by curl_multi_poll in 100 ms slices with
  * CHECK_FOR_INTERRUPTS() between them, and the progress callback aborts the
  * transfer as soon as a cancel or termination is pending; so query cancel
  * and statement_timeout stop a hanging request within about 0.1 s.  Any
@@ -34,13 +36,15 @@
  */
 #include "digime.h"
 
+#include "crypt.h"
+#include "guc.h"
+#include "http_int.h"
+
 #include "common/pg_prng.h"
 #include "miscadmin.h"
 #include "storage/latch.h"
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
-
-#include <curl/curl.h>
 
 #define DM_MAX_RESPONSE_BYTES	(1024 * 1024)
 #define DM_POLL_MS				100
@@ -48,62 +52,23 @@
 #define DM_BACKOFF_CAP_MS		8000
 #define DM_RETRY_AFTER_CAP_MS	10000
 
-static CURLM *dm_multi = NULL;
-static CURL *dm_easy = NULL;
-
-typedef enum XferResult
-{
-	XFER_OK,
-	XFER_DNS,
-	XFER_CONNECT,
-	XFER_TLS,					/* handshake failed */
-	XFER_TLS_VERIFY,			/* certificate not trusted */
-	XFER_CA_FILE,				/* digime.ca_file unusable */
-	XFER_TIMEOUT,
-	XFER_NETWORK,				/* connection failed after connecting */
-	XFER_TOO_LARGE,
-	XFER_ABORTED
-} XferResult;
-
-typedef struct Attempt
-{
-	XferResult	result;
-	bool		request_sent;
-	char		errbuf[CURL_ERROR_SIZE];
-} Attempt;
-
-typedef struct WriteTarget
-{
-	StringInfo	body;
-	bool		too_large;
-} WriteTarget;
-
-/* Frees the backend's curl handles (closes kept-alive connections). */
-static void
-dm_http_reset(void)
-{
-	if (dm_multi != NULL && dm_easy != NULL)
-		curl_multi_remove_handle(dm_multi, dm_easy);
-	if (dm_easy != NULL)
-		curl_easy_cleanup(dm_easy);
-	if (dm_multi != NULL)
-		curl_multi_cleanup(dm_multi);
-	dm_easy = NULL;
-	dm_multi = NULL;
-}
+/* ---------------------------------------------------------------------
+ * One attempt
+ * ---------------------------------------------------------------------
+ */
 
 static size_t
 write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 {
-	WriteTarget *t = (WriteTarget *) userdata;
+	DmAttempt  *a = (DmAttempt *) userdata;
 	size_t		n = size * nmemb;
 
-	if (t->body->len + n > DM_MAX_RESPONSE_BYTES)
+	if (a->body->len + n > DM_MAX_RESPONSE_BYTES)
 	{
-		t->too_large = true;
+		a->too_large = true;
 		return 0;				/* aborts the transfer */
 	}
-	appendBinaryStringInfo(t->body, ptr, n);
+	appendBinaryStringInfo(a->body, ptr, n);
 	return n;
 }
 
@@ -111,7 +76,7 @@ static int
 xferinfo_cb(void *p, curl_off_t dltotal, curl_off_t dlnow,
 			curl_off_t ultotal, curl_off_t ulnow)
 {
-	/* abort now; CHECK_FOR_INTERRUPTS() in the loop raises the real error */
+	/* abort now; CHECK_FOR_INTERRUPTS() in the driver raises the real error */
 	return (QueryCancelPending || ProcDiePending) && INTERRUPTS_CAN_BE_PROCESSED();
 }
 
@@ -124,34 +89,111 @@ free_headers(struct curl_slist *headers)
 	curl_slist_free_all(headers);
 }
 
-static struct curl_slist *
-add_header(struct curl_slist *list, const char *header)
+static void
+add_header(DmAttempt *a, const char *header)
 {
-	struct curl_slist *n = curl_slist_append(list, header);
+	struct curl_slist *n = curl_slist_append(a->headers, header);
 
 	if (n == NULL)
-	{
-		free_headers(list);
 		ereport(ERROR,
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("out of memory")));
+	a->headers = n;
+}
+
+void
+dm_attempt_cleanup(DmAttempt *a)
+{
+	free_headers(a->headers);
+	a->headers = NULL;
+	dm_secret_free(a->req.bearer);
+	a->req.bearer = NULL;
+}
+
+#define SETOPT(opt, val) \
+	do { if (curl_easy_setopt(easy, (opt), (val)) != CURLE_OK) ok = false; } while (0)
+
+bool
+dm_attempt_setup(CURL *easy, DmAttempt *a, DmHttpBuild build, void *arg, int attempt)
+{
+	bool		ok = true;
+	bool		post;
+
+	a->too_large = false;
+	a->result = XFER_ABORTED;
+	a->request_sent = false;
+	a->errbuf[0] = '\0';
+	resetStringInfo(a->body);
+	memset(&a->req, 0, sizeof(a->req));
+	build(arg, attempt, &a->req);
+	post = strcmp(a->req.method, "POST") == 0;
+
+	add_header(a, "Accept: application/json");
+	if (a->req.bearer != NULL)
+	{
+		char	   *auth = psprintf("Authorization: Bearer %s", a->req.bearer);
+
+		PG_TRY();
+		{
+			add_header(a, auth);
+		}
+		PG_FINALLY();
+		{
+			dm_secret_free(auth);
+		}
+		PG_END_TRY();
 	}
-	return n;
+	if (post)
+		add_header(a, a->req.body ? "Content-Type: application/json" : "Content-Type:");
+	add_header(a, "Expect:");
+
+	curl_easy_reset(easy);
+	SETOPT(CURLOPT_NOSIGNAL, 1L);
+	SETOPT(CURLOPT_URL, a->req.url);
+	SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
+	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
+	SETOPT(CURLOPT_SSL_VERIFYPEER, 1L);
+	SETOPT(CURLOPT_SSL_VERIFYHOST, 2L);
+	SETOPT(CURLOPT_SSLVERSION, (long) CURL_SSLVERSION_TLSv1_2);
+	if (dm_ca_file != NULL && dm_ca_file[0] != '\0')
+		SETOPT(CURLOPT_CAINFO, dm_ca_file);
+	SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) dm_connect_timeout_ms);
+	SETOPT(CURLOPT_TIMEOUT_MS, (long) dm_timeout_ms);
+	SETOPT(CURLOPT_HTTPHEADER, a->headers);
+	SETOPT(CURLOPT_USERAGENT, "digime/" DIGIME_VERSION " (PostgreSQL extension)");
+	SETOPT(CURLOPT_ACCEPT_ENCODING, "");
+	SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) DM_MAX_RESPONSE_BYTES);
+	SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
+	SETOPT(CURLOPT_WRITEDATA, a);
+	SETOPT(CURLOPT_NOPROGRESS, 0L);
+	SETOPT(CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
+	SETOPT(CURLOPT_ERRORBUFFER, a->errbuf);
+	if (post)
+	{
+		SETOPT(CURLOPT_POST, 1L);
+		SETOPT(CURLOPT_POSTFIELDS, a->req.body ? a->req.body : "");
+		SETOPT(CURLOPT_POSTFIELDSIZE, (long) (a->req.body ? strlen(a->req.body) : 0));
+	}
+	else
+		SETOPT(CURLOPT_HTTPGET, 1L);
+	if (!ok)
+		strlcpy(a->errbuf, "could not configure the libcurl handle", sizeof(a->errbuf));
+	return ok;
 }
 
 static char *
-response_header(const char *name)
+response_header(CURL *easy, const char *name)
 {
 	struct curl_header *h;
 
-	if (curl_easy_header(dm_easy, name, 0, CURLH_HEADER, -1, &h) == CURLHE_OK &&
+	if (curl_easy_header(easy, name, 0, CURLH_HEADER, -1, &h) == CURLHE_OK &&
 		h->value != NULL)
 		return pstrdup(h->value);
 	return NULL;
 }
 
 static XferResult
-classify(CURLcode rc, const WriteTarget *wt)
+classify(CURLcode rc, const DmAttempt *a)
 {
 	switch (rc)
 	{
@@ -179,172 +221,45 @@ classify(CURLcode rc, const WriteTarget *wt)
 		case CURLE_FILESIZE_EXCEEDED:
 			return XFER_TOO_LARGE;
 		case CURLE_WRITE_ERROR:
-			return wt->too_large ? XFER_TOO_LARGE : XFER_NETWORK;
+			return a->too_large ? XFER_TOO_LARGE : XFER_NETWORK;
 		default:
 			return XFER_NETWORK;
 	}
 }
 
-#define SETOPT(opt, val) \
-	do { if (curl_easy_setopt(dm_easy, (opt), (val)) != CURLE_OK) setopt_failed = true; } while (0)
-
-/* One attempt.  Fills *a; on XFER_OK also *resp.  Raises only on interrupt/OOM. */
-static void
-perform_once(const DmHttpRequest *req, DmHttpResponse *resp, Attempt *a)
+void
+dm_attempt_finish(CURL *easy, CURLcode rc, DmAttempt *a, DmHttpResponse *resp)
 {
-	struct curl_slist *volatile headers = NULL;
-	WriteTarget wt;
-	bool		setopt_failed = false;
-	CURLMcode	mc = CURLM_OK;
-	CURLcode	rc = CURLE_FAILED_INIT;
-	CURLMsg    *msg;
-	int			left;
 	long		sent = 0;
-	char	   *auth = NULL;
 
-	memset(a, 0, sizeof(*a));
-	memset(resp, 0, sizeof(*resp));
-	initStringInfo(&resp->body);
-	wt.body = &resp->body;
-	wt.too_large = false;
-
-	if (dm_multi == NULL)
-		dm_multi = curl_multi_init();
-	if (dm_easy == NULL)
-		dm_easy = curl_easy_init();
-	if (dm_multi == NULL || dm_easy == NULL)
-	{
-		dm_http_reset();
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not create a libcurl handle")));
-	}
-	curl_easy_reset(dm_easy);
-
-	if (req->bearer != NULL)
-		auth = psprintf("Authorization: Bearer %s", req->bearer);
-	headers = add_header(headers, "Accept: application/json");
-	if (auth != NULL)
-		headers = add_header(headers, auth);
-	if (strcmp(req->method, "POST") == 0)
-		headers = add_header(headers, req->body ? "Content-Type: application/json" : "Content-Type:");
-	headers = add_header(headers, "Expect:");
-	if (auth != NULL)
-		dm_secret_free(auth);
-
-	SETOPT(CURLOPT_NOSIGNAL, 1L);
-	SETOPT(CURLOPT_URL, req->url);
-	SETOPT(CURLOPT_PROTOCOLS_STR, "http,https");
-	SETOPT(CURLOPT_FOLLOWLOCATION, 0L);
-	SETOPT(CURLOPT_SSL_VERIFYPEER, 1L);
-	SETOPT(CURLOPT_SSL_VERIFYHOST, 2L);
-	SETOPT(CURLOPT_SSLVERSION, (long) CURL_SSLVERSION_TLSv1_2);
-	if (dm_ca_file != NULL && dm_ca_file[0] != '\0')
-		SETOPT(CURLOPT_CAINFO, dm_ca_file);
-	SETOPT(CURLOPT_CONNECTTIMEOUT_MS, (long) dm_connect_timeout_ms);
-	SETOPT(CURLOPT_TIMEOUT_MS, (long) dm_timeout_ms);
-	SETOPT(CURLOPT_HTTPHEADER, (struct curl_slist *) headers);
-	SETOPT(CURLOPT_USERAGENT, "digime/" DIGIME_VERSION " (PostgreSQL extension)");
-	SETOPT(CURLOPT_ACCEPT_ENCODING, "");
-	SETOPT(CURLOPT_MAXFILESIZE_LARGE, (curl_off_t) DM_MAX_RESPONSE_BYTES);
-	SETOPT(CURLOPT_WRITEFUNCTION, write_cb);
-	SETOPT(CURLOPT_WRITEDATA, &wt);
-	SETOPT(CURLOPT_NOPROGRESS, 0L);
-	SETOPT(CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
-	SETOPT(CURLOPT_ERRORBUFFER, a->errbuf);
-	if (strcmp(req->method, "POST") == 0)
-	{
-		SETOPT(CURLOPT_POST, 1L);
-		SETOPT(CURLOPT_POSTFIELDS, req->body ? req->body : "");
-		SETOPT(CURLOPT_POSTFIELDSIZE, (long) (req->body ? strlen(req->body) : 0));
-	}
-	else
-		SETOPT(CURLOPT_HTTPGET, 1L);
-
-	if (setopt_failed || curl_multi_add_handle(dm_multi, dm_easy) != CURLM_OK)
-	{
-		free_headers(headers);
-		dm_http_reset();
-		elog(ERROR, "could not configure the libcurl handle");
-	}
-
-	PG_TRY();
-	{
-		pgstat_report_wait_start(PG_WAIT_EXTENSION);
-		for (;;)
-		{
-			int			running = 0;
-
-			CHECK_FOR_INTERRUPTS();
-			mc = curl_multi_perform(dm_multi, &running);
-			if (mc != CURLM_OK || running == 0)
-				break;
-			mc = curl_multi_poll(dm_multi, NULL, 0, DM_POLL_MS, NULL);
-			if (mc != CURLM_OK)
-				break;
-		}
-		CHECK_FOR_INTERRUPTS();
-		pgstat_report_wait_end();
-	}
-	PG_CATCH();
-	{
-		free_headers(headers);
-		dm_http_reset();
-		PG_RE_THROW();
-	}
-	PG_END_TRY();
-
-	while ((msg = curl_multi_info_read(dm_multi, &left)) != NULL)
-		if (msg->msg == CURLMSG_DONE && msg->easy_handle == dm_easy)
-			rc = msg->data.result;
-	if (mc != CURLM_OK)
-		strlcpy(a->errbuf, curl_multi_strerror(mc), sizeof(a->errbuf));
-	else if (a->errbuf[0] == '\0')
+	if (a->errbuf[0] == '\0')
 		strlcpy(a->errbuf, curl_easy_strerror(rc), sizeof(a->errbuf));
-
-	a->result = mc != CURLM_OK ? XFER_NETWORK : classify(rc, &wt);
-	if (curl_easy_getinfo(dm_easy, CURLINFO_REQUEST_SIZE, &sent) != CURLE_OK)
+	a->result = classify(rc, a);
+	if (curl_easy_getinfo(easy, CURLINFO_REQUEST_SIZE, &sent) != CURLE_OK)
 		sent = 1;				/* unknown: assume it was sent */
 	a->request_sent = sent > 0;
 
+	memset(resp, 0, sizeof(*resp));
+	resp->body = *a->body;
 	if (a->result == XFER_OK)
 	{
 		char	   *ct = NULL;
 
-		curl_easy_getinfo(dm_easy, CURLINFO_RESPONSE_CODE, &resp->status);
-		if (curl_easy_getinfo(dm_easy, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK && ct)
+		curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &resp->status);
+		if (curl_easy_getinfo(easy, CURLINFO_CONTENT_TYPE, &ct) == CURLE_OK && ct)
 			resp->content_type = pstrdup(ct);
-		resp->x_error_code = response_header("X-Error-Code");
-		resp->x_error_message = response_header("X-Error-Message");
-		resp->x_error_reference = response_header("X-Error-Reference");
-		resp->retry_after = response_header("Retry-After");
+		resp->x_error_code = response_header(easy, "X-Error-Code");
+		resp->x_error_message = response_header(easy, "X-Error-Message");
+		resp->x_error_reference = response_header(easy, "X-Error-Reference");
+		resp->retry_after = response_header(easy, "Retry-After");
 	}
-
-	curl_multi_remove_handle(dm_multi, dm_easy);
-	curl_easy_setopt(dm_easy, CURLOPT_ERRORBUFFER, NULL);
-	free_headers(headers);
-	if (a->result != XFER_OK)
-		dm_http_reset();
+	curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, NULL);
 }
 
-/* Sleeps ms milliseconds, or less if interrupted (then raises). */
-static void
-sleep_interruptible(long ms)
-{
-	TimestampTz end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
-
-	for (;;)
-	{
-		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), end);
-
-		if (left <= 0)
-			break;
-		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 left, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-	}
-}
+/* ---------------------------------------------------------------------
+ * The retry rule
+ * ---------------------------------------------------------------------
+ */
 
 static long
 backoff_ms(int attempt)
@@ -387,7 +302,7 @@ retryable_status(long status, DmRetryPolicy policy)
 }
 
 static bool
-retryable_failure(const Attempt *a, DmRetryPolicy policy)
+retryable_failure(const DmAttempt *a, DmRetryPolicy policy)
 {
 	switch (a->result)
 	{
@@ -403,8 +318,32 @@ retryable_failure(const Attempt *a, DmRetryPolicy policy)
 	}
 }
 
-static void
-raise_transport(const Attempt *a, const DmHttpRequest *req, int attempts)
+DmNext
+dm_attempt_next(const DmAttempt *a, const DmHttpResponse *resp, int attempt,
+				DmRetryPolicy policy, long *delay_ms)
+{
+	bool		last = attempt >= dm_retry_limit;
+
+	if (a->result == XFER_OK)
+	{
+		long		delay;
+
+		if (last || !retryable_status(resp->status, policy))
+			return DM_NEXT_DONE;
+		delay = retry_after_ms(resp->retry_after);
+		if (delay > DM_RETRY_AFTER_CAP_MS)
+			return DM_NEXT_DONE;	/* the server wants longer than we wait */
+		*delay_ms = delay >= 0 ? delay : backoff_ms(attempt);
+		return DM_NEXT_RETRY;
+	}
+	if (last || !retryable_failure(a, policy))
+		return DM_NEXT_FAIL;
+	*delay_ms = backoff_ms(attempt);
+	return DM_NEXT_RETRY;
+}
+
+void
+dm_attempt_raise(const DmAttempt *a, int attempts)
 {
 	int			sqlstate = ERRCODE_CONNECTION_FAILURE;
 	const char *msg;
@@ -432,6 +371,7 @@ raise_transport(const Attempt *a, const DmHttpRequest *req, int attempts)
 		case XFER_CA_FILE:
 			sqlstate = ERRCODE_CONFIG_FILE_ERROR;
 			msg = "could not load the CA bundle named by digime.ca_file";
+			hint = "digime.ca_file must name a PEM file of CA certificates that the server can read.";
 			break;
 		case XFER_TIMEOUT:
 			if (!a->request_sent)
@@ -461,53 +401,159 @@ raise_transport(const Attempt *a, const DmHttpRequest *req, int attempts)
 	ereport(ERROR,
 			(errcode(sqlstate),
 			 errmsg("%s", msg),
-			 errdetail_internal("%s %s, attempt %d: %s", req->method, req->url,
+			 errdetail_internal("%s %s, attempt %d: %s", a->req.method, a->req.url,
 								attempts, a->errbuf),
 			 hint ? errhint("%s", hint) : 0));
+}
+
+/* ---------------------------------------------------------------------
+ * Blocking driver
+ * ---------------------------------------------------------------------
+ */
+
+static CURLM *dm_multi = NULL;
+static CURL *dm_easy = NULL;
+
+/* Frees the process's blocking handles (closes kept-alive connections). */
+static void
+blocking_reset(void)
+{
+	if (dm_multi != NULL && dm_easy != NULL)
+		curl_multi_remove_handle(dm_multi, dm_easy);
+	if (dm_easy != NULL)
+		curl_easy_cleanup(dm_easy);
+	if (dm_multi != NULL)
+		curl_multi_cleanup(dm_multi);
+	dm_easy = NULL;
+	dm_multi = NULL;
+}
+
+/* One attempt, driven to its end; raises only on interrupt/OOM. */
+static void
+perform_once(DmAttempt *a, DmHttpBuild build, void *arg, int attempt, DmHttpResponse *resp)
+{
+	CURLMcode	mc = CURLM_OK;
+	CURLcode	rc = CURLE_FAILED_INIT;
+	CURLMsg    *msg;
+	int			left;
+
+	if (dm_multi == NULL)
+		dm_multi = curl_multi_init();
+	if (dm_easy == NULL)
+		dm_easy = curl_easy_init();
+	if (dm_multi == NULL || dm_easy == NULL)
+	{
+		blocking_reset();
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl handle")));
+	}
+
+	PG_TRY();
+	{
+		if (!dm_attempt_setup(dm_easy, a, build, arg, attempt) ||
+			curl_multi_add_handle(dm_multi, dm_easy) != CURLM_OK)
+			elog(ERROR, "could not configure the libcurl handle");
+		pgstat_report_wait_start(PG_WAIT_EXTENSION);
+		for (;;)
+		{
+			int			running = 0;
+
+			CHECK_FOR_INTERRUPTS();
+			mc = curl_multi_perform(dm_multi, &running);
+			if (mc != CURLM_OK || running == 0)
+				break;
+			mc = curl_multi_poll(dm_multi, NULL, 0, DM_POLL_MS, NULL);
+			if (mc != CURLM_OK)
+				break;
+		}
+		CHECK_FOR_INTERRUPTS();
+		pgstat_report_wait_end();
+	}
+	PG_CATCH();
+	{
+		dm_attempt_cleanup(a);
+		blocking_reset();
+		PG_RE_THROW();
+	}
+	PG_END_TRY();
+
+	while ((msg = curl_multi_info_read(dm_multi, &left)) != NULL)
+		if (msg->msg == CURLMSG_DONE && msg->easy_handle == dm_easy)
+			rc = msg->data.result;
+	if (mc != CURLM_OK)
+		strlcpy(a->errbuf, curl_multi_strerror(mc), sizeof(a->errbuf));
+	dm_attempt_finish(dm_easy, rc, a, resp);
+	if (mc != CURLM_OK)
+		a->result = XFER_NETWORK;
+	curl_multi_remove_handle(dm_multi, dm_easy);
+	free_headers(a->headers);
+	a->headers = NULL;
+	if (a->result != XFER_OK)
+		blocking_reset();
+}
+
+/* Sleeps ms milliseconds, or less if interrupted (then raises). */
+static void
+sleep_interruptible(long ms)
+{
+	TimestampTz end = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), ms);
+
+	for (;;)
+	{
+		long		left = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), end);
+
+		if (left <= 0)
+			break;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 left, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+	}
 }
 
 void
 dm_http_request(DmHttpBuild build, void *arg, DmRetryPolicy policy, DmHttpResponse *resp)
 {
+	DmAttempt	a;
+
+	memset(&a, 0, sizeof(a));
+	a.body = makeStringInfo();
 	for (int attempt = 0;; attempt++)
 	{
-		DmHttpRequest req;
-		Attempt		a;
-		bool		last = attempt >= dm_retry_limit;
+		long		delay = 0;
+		DmNext		next;
 
-		memset(&req, 0, sizeof(req));
-		build(arg, attempt, &req);
-		perform_once(&req, resp, &a);
-		if (req.bearer != NULL)
-			dm_secret_free(req.bearer);
-
-		if (a.result == XFER_OK)
+		perform_once(&a, build, arg, attempt, resp);
+		dm_secret_free(a.req.bearer);
+		a.req.bearer = NULL;
+		next = dm_attempt_next(&a, resp, attempt, policy, &delay);
+		if (next == DM_NEXT_DONE)
 		{
-			long		delay;
-
-			if (last || !retryable_status(resp->status, policy))
-				return;
-			delay = retry_after_ms(resp->retry_after);
-			if (delay > DM_RETRY_AFTER_CAP_MS)
-				return;			/* the server wants longer than we wait */
-			sleep_interruptible(delay >= 0 ? delay : backoff_ms(attempt));
-			continue;
+			/* the answer keeps its own buffer */
+			a.body = makeStringInfo();
+			return;
 		}
-		if (last || !retryable_failure(&a, policy))
-			raise_transport(&a, &req, attempt + 1);
-		sleep_interruptible(backoff_ms(attempt));
+		if (next == DM_NEXT_FAIL)
+			dm_attempt_raise(&a, attempt + 1);
+		sleep_interruptible(delay);
 	}
+}
+
+static void
+build_get(void *arg, int attempt, DmHttpRequest *req)
+{
+	req->method = "GET";
+	req->url = (char *) arg;
 }
 
 bool
 dm_http_try_get(const char *url, DmHttpResponse *resp)
 {
-	DmHttpRequest req;
-	Attempt		a;
+	DmAttempt	a;
 
-	memset(&req, 0, sizeof(req));
-	req.method = "GET";
-	req.url = (char *) url;
-	perform_once(&req, resp, &a);
+	memset(&a, 0, sizeof(a));
+	a.body = makeStringInfo();
+	perform_once(&a, build_get, (void *) url, 0, resp);
 	return a.result == XFER_OK;
 }

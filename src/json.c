@@ -17,6 +17,8 @@
  */
 #include "digime.h"
 
+#include "util.h"
+
 #include "common/jsonapi.h"
 #include "mb/pg_wchar.h"
 #include "utils/builtins.h"

@@ -24,6 +24,12 @@
  */
 #include "digime.h"
 
+#include "crypt.h"
+#include "guc.h"
+#include "http.h"
+#include "jose.h"
+#include "util.h"
+
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 

@@ -13,6 +13,9 @@
  */
 #include "digime.h"
 
+#include "jose.h"
+#include "util.h"
+
 #include "common/base64.h"
 #include "utils/memutils.h"
 

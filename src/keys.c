@@ -14,6 +14,8 @@
  */
 #include "digime.h"
 
+#include "jose.h"
+
 #include "utils/builtins.h"
 
 #include <openssl/bio.h>

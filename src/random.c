@@ -11,6 +11,12 @@
  */
 #include "digime.h"
 
+#include "crypt.h"
+#include "jose.h"
+#include "util.h"
+
+#include "utils/builtins.h"
+
 #include <openssl/sha.h>
 
 static const char alnum[] =
@@ -66,4 +72,16 @@ dm_pkce_challenge(const char *verifier)
 	if (EVP_Digest(verifier, strlen(verifier), digest, NULL, EVP_sha256(), NULL) != 1)
 		elog(ERROR, "SHA-256 failed");
 	return dm_base64url_encode(digest, sizeof(digest));
+}
+
+char *
+dm_sha256_hex(const char *s)
+{
+	unsigned char digest[SHA256_DIGEST_LENGTH];
+	char	   *hex = palloc(SHA256_DIGEST_LENGTH * 2 + 1);
+
+	if (EVP_Digest(s, strlen(s), digest, NULL, EVP_sha256(), NULL) != 1)
+		elog(ERROR, "SHA-256 failed");
+	hex[hex_encode((const char *) digest, SHA256_DIGEST_LENGTH, hex)] = '\0';
+	return hex;
 }

@@ -6,7 +6,9 @@
  * A few functions must take a secret as an argument: a contract's private
  * key (digime_add_contract, digime_rotate_contract_key), an authorization
  * code and code_verifier (digime_exchange_code, digime_handle_callback),
- * tokens obtained elsewhere (digime_import_token).  With log_statement,
+ * tokens obtained elsewhere (digime_import_token), callback URLs with their
+ * code queued for the worker (digime_submit_callback, INSERT INTO
+ * digime.callback_inbox).  With log_statement,
  * log_min_duration_statement or log_min_error_statement the server would
  * log the statement (and its bind parameters) that carries them.  This
  * emit_log_hook blanks the quoted literals and bind parameter values of
@@ -24,6 +26,8 @@
  */
 #include "digime.h"
 
+#include "util.h"
+
 #include "tcop/tcopprot.h"
 #include "utils/elog.h"
 
@@ -35,6 +39,8 @@ static const char *const secret_taking[] = {
 	"digime_exchange_code",
 	"digime_handle_callback",
 	"digime_import_token",
+	"digime_submit_callback",
+	"callback_inbox",			/* INSERT INTO digime.callback_inbox ... */
 	NULL
 };
 

@@ -18,6 +18,8 @@
  */
 #include "digime.h"
 
+#include "util.h"
+
 #include "mb/pg_wchar.h"
 #include "nodes/pg_list.h"
 
@@ -279,4 +281,105 @@ dm_query_parse(const char *url_or_query)
 		p = *amp ? amp + 1 : amp;
 	}
 	return params;
+}
+
+/* The one value of a callback parameter, or NULL; 22023 when repeated. */
+static char *
+callback_param(List *params, const char *name)
+{
+	ListCell   *lc;
+	char	   *value = NULL;
+
+	foreach(lc, params)
+	{
+		DmQueryParam *p = lfirst(lc);
+
+		if (strcmp(p->name, name) != 0)
+			continue;
+		if (value != NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("callback URL has more than one \"%s\" parameter", name)));
+		value = p->value;
+	}
+	return value;
+}
+
+static char *
+required_callback_param(List *params, const char *name, size_t max)
+{
+	char	   *v = callback_param(params, name);
+
+	if (v == NULL || v[0] == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("callback URL has no \"%s\" parameter", name)));
+	if (strlen(v) > max)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("callback URL parameter \"%s\" is longer than %zu bytes", name, max)));
+	return v;
+}
+
+void
+dm_callback_parse(const char *url, DmCallback *out)
+{
+	List	   *params = dm_query_parse(url);
+	char	   *success = required_callback_param(params, "success", 16);
+
+	memset(out, 0, sizeof(*out));
+	if (strcmp(success, "false") == 0)
+	{
+		out->success = false;
+		out->error_code = callback_param(params, "errorCode");
+		if (out->error_code != NULL && strlen(out->error_code) > DM_MAX_ID_LEN)
+			out->error_code[DM_MAX_ID_LEN] = '\0';
+		out->state = callback_param(params, "state");
+		return;
+	}
+	if (strcmp(success, "true") != 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("callback URL has success=\"%s\"; \"true\" or \"false\" expected", success)));
+	out->success = true;
+	out->state = required_callback_param(params, "state", DM_MAX_TEXT_ARG);
+	out->code = required_callback_param(params, "code", DM_MAX_TOKEN_LEN);
+	out->account_reference = callback_param(params, "accountReference");
+	if (out->account_reference != NULL && strlen(out->account_reference) > DM_MAX_ID_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("callback URL parameter \"accountReference\" is longer than %d bytes",
+						DM_MAX_ID_LEN)));
+}
+
+char *
+dm_callback_without_code(const char *url)
+{
+	StringInfoData out;
+	const char *q = strchr(url, '?');
+	const char *p;
+
+	/* a bare query string starts at once */
+	if (q == NULL && strstr(url, "://") == NULL)
+		q = url - 1;
+	if (q == NULL)
+		return pstrdup(url);
+	initStringInfo(&out);
+	appendBinaryStringInfo(&out, url, q + 1 - url);
+	for (p = q + 1; *p && *p != '#';)
+	{
+		size_t		seg = strcspn(p, "&#");
+		const char *eq = memchr(p, '=', seg);
+		size_t		name_len = eq ? (size_t) (eq - p) : seg;
+
+		if (name_len == 4 && strncmp(p, "code", 4) == 0)
+			appendStringInfoString(&out, "code=");
+		else
+			appendBinaryStringInfo(&out, p, seg);
+		p += seg;
+		if (*p == '&')
+			appendStringInfoChar(&out, *p++);
+	}
+	appendStringInfoString(&out, p);
+	return out.data;
 }

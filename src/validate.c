@@ -15,8 +15,11 @@
  */
 #include "digime.h"
 
+#include "util.h"
+
 #include "fmgr.h"
 #include "utils/builtins.h"
+#include "utils/timestamp.h"
 
 #include <curl/curl.h>
 
@@ -382,4 +385,43 @@ dm_arg_text(FunctionCallInfo fcinfo, int argno, const char *name)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s must not be empty", name)));
 	return s;
+}
+
+char *
+dm_arg_opt_text(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		return NULL;
+	return dm_arg_text(fcinfo, argno, name);
+}
+
+int64
+dm_arg_id(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be NULL", name)));
+	return PG_GETARG_INT64(argno);
+}
+
+int64
+dm_arg_interval_ms(FunctionCallInfo fcinfo, int argno, const char *name)
+{
+	Interval   *iv;
+	double		us;
+
+	if (PG_ARGISNULL(argno))
+		ereport(ERROR,
+				(errcode(ERRCODE_NULL_VALUE_NOT_ALLOWED),
+				 errmsg("%s must not be NULL", name)));
+	iv = PG_GETARG_INTERVAL_P(argno);
+	/* a month counts 30 days, as extract(epoch from interval) does */
+	us = (double) iv->time + (double) iv->day * USECS_PER_DAY +
+		(double) iv->month * DAYS_PER_MONTH * USECS_PER_DAY;
+	if (us < 0 || us > (double) 3650 * USECS_PER_DAY)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s must be between 0 and 3650 days", name)));
+	return (int64) (us / 1000);
 }

@@ -25,7 +25,9 @@ dm_start_cluster \
     "log_statement = 'all'" \
     "log_min_messages = debug1" \
     "log_min_error_statement = debug1" \
-    "max_connections = 40"
+    "max_connections = 40" \
+    "max_worker_processes = 40" \
+    "digime.worker_naptime = 2"
 export DM_ROOT DM_PG_BIN
 
 failed=0
