@@ -43,7 +43,7 @@ procedure_result(DmCall *call, int n, const int64 *values)
 	MemoryContext old = MemoryContextSwitchTo(call->outer_cxt);
 	HeapTuple	tup;
 
-	if (get_call_result_type(call->fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE ||
+	if (get_func_result_type(call->fcinfo->flinfo->fn_oid, NULL, &desc) != TYPEFUNC_COMPOSITE ||
 		desc->natts != n)
 		elog(ERROR, "unexpected result type of a digime procedure");
 	for (int i = 0; i < n; i++)

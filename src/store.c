@@ -669,8 +669,8 @@ STMT(st_token_failed,
 	 "  status = CASE WHEN $2 THEN 'needs_reauthorization' ELSE status END, "
 	 "  refresh_failures = refresh_failures OPERATOR(pg_catalog.+) CASE WHEN $2 THEN 0 ELSE 1 END, "
 	 "  next_refresh_at = CASE WHEN $2 THEN NULL ELSE pg_catalog.now() OPERATOR(pg_catalog.+) "
-	 "    pg_catalog.make_interval(secs => pg_catalog.least(30 OPERATOR(pg_catalog.*) "
-	 "      2 OPERATOR(pg_catalog.^) pg_catalog.least(refresh_failures, 7), 3600)) END, "
+	 "    pg_catalog.make_interval(secs => LEAST(30 OPERATOR(pg_catalog.*) "
+	 "      2.0 OPERATOR(pg_catalog.^) LEAST(refresh_failures, 7), 3600)) END, "
 	 "  last_error_sqlstate = $3, last_error = $4, last_error_at = pg_catalog.clock_timestamp() "
 	 "WHERE id OPERATOR(pg_catalog.=) $1 AND status OPERATOR(pg_catalog.<>) 'revoked'",
 	 INT8OID, BOOLOID, TEXTOID, TEXTOID);

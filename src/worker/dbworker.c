@@ -556,10 +556,15 @@ step_fail(Task *t, TimestampTz now)
 	ErrorData  *e = NULL;
 
 	fail_error = t->error;
-	if (t->kind == TK_GRANT && !txn_run(t, txn_failed, &e) && ++t->fail_tries < 20)
+	if (t->kind == TK_GRANT && !txn_run(t, txn_failed, &e))
 	{
-		t->wake_at = TimestampTzPlusMilliseconds(now, STORE_RETRY_MS);
-		return;
+		if (++t->fail_tries < 20)
+		{
+			t->wake_at = TimestampTzPlusMilliseconds(now, STORE_RETRY_MS);
+			return;
+		}
+		ereport(LOG,
+				(errmsg("digime could not record a failed request: %s", e->message)));
 	}
 	finish(t, false);
 }
@@ -574,12 +579,19 @@ txn_batch_list(Task *t)
 {
 	int64		skipped;
 	List	   *ids;
+	ListCell   *lc;
 	MemoryContext old;
 
 	ids = dm_store_tokens_expiring(&t->args.actor, t->args.within_ms, t->args.max_tokens,
 								   &skipped);
 	old = MemoryContextSwitchTo(t->cxt);
-	t->todo = list_copy_deep(ids);
+	foreach(lc, ids)
+	{
+		int64	   *id = palloc(sizeof(int64));
+
+		*id = *(int64 *) lfirst(lc);
+		t->todo = lappend(t->todo, id);
+	}
 	MemoryContextSwitchTo(old);
 	t->counts[3] = skipped;
 	t->total = list_length(t->todo) + skipped;
