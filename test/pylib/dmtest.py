@@ -128,6 +128,19 @@ class Sandbox:
     def requests(self, since=0):
         return self.call("GET", "requests?since=%d" % since)
 
+    def mint(self, application_id, contract_id, count=1, **ttl):
+        """New users with one valid pair each (POST /_sandbox/mint; ttl: access_ttl, refresh_ttl)."""
+        body = {"application_id": application_id, "contract_id": contract_id, "count": count}
+        body.update(ttl)
+        pairs = self.call("POST", "mint", body)["pairs"]
+        for p in pairs:
+            record_secret(p["access_token"])
+            record_secret(p["refresh_token"])
+        return pairs
+
+    def stats(self):
+        return self.call("GET", "stats")
+
     def last_seq(self):
         reqs = self.requests()
         return reqs[-1]["seq"] if reqs else 0

@@ -22,6 +22,7 @@ import json
 import os
 import re
 import secrets
+import select
 import signal
 import socket
 import socketserver
@@ -53,6 +54,7 @@ NONCE_RE = re.compile(r"[A-Za-z0-9]{32}")
 CHALLENGE_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
 MAX_BODY = 1 << 20
+POLLRDHUP = getattr(select, "POLLRDHUP", 0x2000)  # Linux: the peer shut down its side
 
 DEFAULT_CONFIG = {
     "access_ttl": 86400,        # seconds
@@ -61,18 +63,25 @@ DEFAULT_CONFIG = {
     "sdk_blocklist": [],        # agent.sdk.name values answered with SDKInvalid
     "min_sdk_version": None,    # agent.sdk.version below this -> SDKVersionInvalid
     "jwks_pem": "spki",         # form of the JWKS "pem" member: spki | pkcs1
+    "latency_ms": {},           # fault endpoint -> extra milliseconds before processing
 }
 
-# Fault endpoints and the actions each accepts.
+# Fault endpoints and the actions each accepts.  "delay" only waits, then the
+# request is processed normally.
 IMMEDIATE_ACTIONS = {"error", "raw", "hang", "close"}
+COMMON_ACTIONS = IMMEDIATE_ACTIONS | {"delay"}
 FAULT_ACTIONS = {
-    "oauth/authorize": IMMEDIATE_ACTIONS | {"token", "body"},
-    "oauth/token": IMMEDIATE_ACTIONS | {"token", "body"},
-    "oauth/token/reference": IMMEDIATE_ACTIONS | {"token", "body"},
-    "reference": IMMEDIATE_ACTIONS | {"body"},
-    "jwks": IMMEDIATE_ACTIONS | {"body"},
-    "onboard": IMMEDIATE_ACTIONS | {"fail"},
+    "oauth/authorize": COMMON_ACTIONS | {"token", "body"},
+    "oauth/token": COMMON_ACTIONS | {"token", "body"},
+    "oauth/token/reference": COMMON_ACTIONS | {"token", "body"},
+    "reference": COMMON_ACTIONS | {"body"},
+    "jwks": COMMON_ACTIONS | {"body"},
+    "onboard": COMMON_ACTIONS | {"fail"},
 }
+# Actions that change a successful answer (its token pair is then not "delivered").
+ALTERING_ACTIONS = {"token", "body"}
+TOKEN_SOURCES = ("exchange", "refresh", "reauthorize", "mint")
+MAX_MINT = 100000
 
 # Secrets that must never show up in the extension's logs (GET /_sandbox/secrets
 # "values").  Codes that travel in browser URLs and session keys are listed
@@ -87,8 +96,12 @@ SECRET_KINDS = ("access_token", "refresh_token", "authorization_code",
 # --------------------------------------------------------------------------
 
 def rand(n):
-    """n characters from [A-Za-z0-9], CSPRNG."""
-    return "".join(secrets.choice(ALNUM) for _ in range(n))
+    """n characters from [A-Za-z0-9], CSPRNG.  Bytes >= 248 (4 * 62) are skipped,
+    so that every character is equally likely."""
+    out = []
+    while len(out) < n:
+        out += [ALNUM[b % 62] for b in secrets.token_bytes(n + 8) if b < 248]
+    return "".join(out[:n])
 
 
 def b64url(data):
@@ -173,6 +186,29 @@ def sign_jws(key, header, payload, alg="PS512", salt=64, corrupt=False):
     if corrupt and sig:
         sig = sig[:10] + bytes([sig[10] ^ 0xFF]) + sig[11:]
     return signing_input + "." + b64url(sig)
+
+
+class PendingJWS:
+    """A response JWT whose header and payload are final but which is signed only
+    when the answer is rendered, outside the state lock: RSA signing is the most
+    expensive step of a request, and it needs no shared state."""
+
+    __slots__ = ("args",)
+
+    def __init__(self, *args):
+        self.args = args  # sign_jws(key, header, payload, alg, salt, corrupt)
+
+    def sign(self):
+        return sign_jws(*self.args)
+
+
+def render_json(obj):
+    """compact_json that signs PendingJWS values on the way."""
+    def default(value):
+        if isinstance(value, PendingJWS):
+            return value.sign()
+        raise TypeError(f"cannot serialize {type(value).__name__}")
+    return json.dumps(obj, separators=(",", ":"), default=default).encode("utf-8")
 
 
 def parse_bearer(value):
@@ -314,7 +350,10 @@ class Request:
         self.headers = headers  # lower-case name -> value
         self.body = body
         self.jwt = None         # (header, claims, signing_input, signature) if parsable
+        self.jwt_rec = None     # the request record's "jwt" entry
         self.sig_ok = None      # signature verified with the contract's key
+        self.verified_with = None  # the contract whose key sig_ok refers to
+        self.endpoint = None    # fault endpoint name, None for unknown routes
 
     def text(self):
         return self.body.decode("utf-8", errors="replace")
@@ -328,15 +367,30 @@ class Request:
 
 class Reply:
     """What the handler sends back.  close=True: drop the connection instead
-    (after sleeping `sleep` seconds)."""
+    (after sleeping `sleep` seconds).  obj: a JSON body that render() serializes
+    later, outside the state lock (it must hold only values no other request
+    changes).  pairs: the token pairs the answer carries; clean: no fault altered
+    the answer (both for the pairs' "delivered" flag)."""
 
-    def __init__(self, status=200, body=b"", content_type=None, headers=(), close=False, sleep=0):
+    def __init__(self, status=200, body=b"", content_type=None, headers=(), close=False, sleep=0,
+                 obj=None):
         self.status, self.body, self.content_type = status, body, content_type
         self.headers, self.close, self.sleep = list(headers), close, sleep
+        self.obj, self.pairs, self.clean = obj, [], True
+
+    def render(self):
+        if self.obj is not None:
+            self.body, self.obj = render_json(self.obj), None
 
 
 def json_reply(status, obj, headers=()):
+    """Serialized at once (control API: its results are live state)."""
     return Reply(status, compact_json(obj), "application/json; charset=utf-8", headers)
+
+
+def api_reply(status, obj):
+    """Serialized (and its response JWTs signed) by Reply.render, outside the lock."""
+    return Reply(status, b"", "application/json; charset=utf-8", obj=obj)
 
 
 class ApiError(Exception):
@@ -370,7 +424,9 @@ class ControlError(Exception):
 # --------------------------------------------------------------------------
 
 class Sandbox:
-    """All state lives here, guarded by one lock (requests are short)."""
+    """All state lives here, guarded by one lock.  What needs no shared state
+    stays outside it: parsing and verifying the client JWT, waiting (latency,
+    delay), signing the response JWT and writing the answer."""
 
     def __init__(self, pki):
         self.pki = pki
@@ -378,10 +434,18 @@ class Sandbox:
         self.lock = threading.RLock()
         self.contracts = {}          # client_id -> contract
         self.nonces = set()          # every accepted nonce, process lifetime
-        self.secrets = {}            # kind -> list of values, process lifetime
+        self.secrets = {}            # kind -> {value: None} (ordered set), process lifetime
         self.requests, self.seq = [], 0
         self.faults, self.fault_seq = [], 0
+        self._clear_stats()
         self._clear_flows()
+
+    def _clear_stats(self):
+        self.stats_since = time.time()
+        self.stats = {}              # endpoint -> status (str) -> count
+        self.write_failed = 0        # answers that could not be written to the client
+        self.token_counts = {"issued": dict.fromkeys(TOKEN_SOURCES, 0),
+                             "delivered": dict.fromkeys(TOKEN_SOURCES, 0)}
 
     def _clear_flows(self):
         self.config = json.loads(json.dumps(DEFAULT_CONFIG))
@@ -398,9 +462,7 @@ class Sandbox:
 
     def _secret(self, kind, value):
         if isinstance(value, str) and value:
-            values = self.secrets.setdefault(kind, [])
-            if value not in values:
-                values.append(value)
+            self.secrets.setdefault(kind, {})[value] = None
 
     # ---- contracts -------------------------------------------------------
 
@@ -433,15 +495,27 @@ class Sandbox:
     }
 
     def handle(self, req):
-        """Entry point for every request except the control API."""
+        """Entry point for every request.  The answer's body may still have to be
+        rendered (Reply.render); the handler then calls answering() (and unsent())."""
         if req.path.startswith(CONTROL):
             return self.control(req)
         endpoint = self.ROUTES.get((req.method, req.path))
+        req.endpoint = endpoint
+        req.jwt_rec, req.jwt = parse_bearer(req.headers.get("authorization"))
+        self._verify(req)  # no lock: the contract's key does not change in place
         with self.lock:
             rec = self._record(req, endpoint)
             fault = self._take_fault(endpoint) if endpoint else None
             if fault:
                 rec["fault"] = fault["action"]
+            wait = self.config["latency_ms"].get(endpoint, 0) / 1000 if endpoint else 0
+        if fault and fault["action"] == "delay":
+            wait += fault["seconds"]
+        if wait > 0:
+            time.sleep(wait)  # outside the lock: other requests go on meanwhile
+        with self.lock:
+            if req.jwt and self._contract_of(req) is not req.verified_with:
+                self._verify(req)  # the contract was replaced meanwhile
             try:
                 if fault and fault["action"] in IMMEDIATE_ACTIONS:
                     reply = self._immediate(fault)
@@ -452,27 +526,69 @@ class Sandbox:
                            else ApiError(404, "NotFound", "The requested resource was not found"))
                 else:
                     reply = getattr(self, "ep_" + endpoint.replace("/", "_"))(req, rec, fault)
+                    reply.clean = not (fault and fault["action"] in ALTERING_ACTIONS)
             except ApiError as e:
                 reply = e.reply()
                 rec["error_code"] = e.code
             rec["status"] = None if reply.close else reply.status
             return reply
 
+    def answering(self, req, reply, peer_ok):
+        """Called just before the answer is written (or the connection dropped):
+        counts it, and marks the pairs of a clean 2xx answer "delivered" when the
+        client is still there.  Marking before the write means that a client that
+        got the answer never sees delivered=false; unsent() takes it back."""
+        if req.path.startswith(CONTROL):
+            return
+        status = "closed" if reply.close else str(reply.status)
+        with self.lock:
+            per = self.stats.setdefault(req.endpoint or "other", {})
+            per[status] = per.get(status, 0) + 1
+            if reply.close:
+                return
+            if not peer_ok:
+                self.write_failed += 1
+            elif reply.clean and 200 <= reply.status < 300:
+                for pair in reply.pairs:
+                    pair["delivered"] = True
+                    self.token_counts["delivered"][pair["source"]] += 1
+
+    def unsent(self, req, reply):
+        """Writing the answer failed: its pairs were not delivered after all."""
+        if req.path.startswith(CONTROL):
+            return
+        with self.lock:
+            self.write_failed += 1
+            if reply.clean and 200 <= reply.status < 300:
+                for pair in reply.pairs:
+                    pair["delivered"] = False
+                    self.token_counts["delivered"][pair["source"]] -= 1
+
+    def _contract_of(self, req):
+        client_id = req.jwt[1].get("client_id")
+        return self.contracts.get(client_id) if isinstance(client_id, str) else None
+
+    def _verify(self, req):
+        """Verifies the client JWT's signature with its contract's key (if both exist)."""
+        req.verified_with, req.sig_ok = None, None
+        if not req.jwt:
+            return
+        req.jwt_rec["signature_valid"] = None
+        header, _, signing_input, signature = req.jwt
+        contract = req.verified_with = self._contract_of(req)
+        if header.get("alg") == "PS512" and contract:
+            try:
+                contract["key"].verify(signature, signing_input, pss(64), hashes.SHA512())
+                req.sig_ok = True
+            except (InvalidSignature, ValueError):
+                req.sig_ok = False
+            req.jwt_rec["signature_valid"] = req.sig_ok
+
     def _record(self, req, endpoint):
         """Append the request to the log; returns the (mutable) record."""
-        jwt_rec, parts = parse_bearer(req.headers.get("authorization"))
-        req.jwt = parts
+        jwt_rec, parts = req.jwt_rec, req.jwt
         if parts:
-            header, claims, signing_input, signature = parts
-            client_id = claims.get("client_id")
-            contract = self.contracts.get(client_id) if isinstance(client_id, str) else None
-            if header.get("alg") == "PS512" and contract:
-                try:
-                    contract["key"].verify(signature, signing_input, pss(64), hashes.SHA512())
-                    req.sig_ok = True
-                except (InvalidSignature, ValueError):
-                    req.sig_ok = False
-                jwt_rec["signature_valid"] = req.sig_ok
+            claims = parts[1]
             for claim, kind in (("code_verifier", "code_verifier_received"),
                                 ("refresh_token", "refresh_token_received"),
                                 ("access_token", "access_token_received"),
@@ -585,8 +701,9 @@ class Sandbox:
     # ---- response JWTs and tokens ------------------------------------------
 
     def _response_jwt(self, payload, fault):
-        """Sign a response JWT (PS512, salt 64, kid sandbox-1, jku = our JWKS).
-        A "token" fault tampers with it.  Returns (jwt, payload as sent)."""
+        """A response JWT (PS512, salt 64, kid sandbox-1, jku = our JWKS), signed
+        later by Reply.render.  A "token" fault tampers with it.  Returns
+        (PendingJWS, payload as sent)."""
         header = {"alg": "PS512", "typ": "JWT", "jku": self.jku, "kid": LISTED_KID}
         payload = dict(payload)
         key, alg, salt, corrupt = self.pki.listed_key, "PS512", 64, False
@@ -608,7 +725,7 @@ class Sandbox:
             for claim in ("exp", "nbf"):
                 if claim in fault:
                     payload[claim] = int(time.time()) + fault[claim]
-        return sign_jws(key, header, payload, alg, salt, corrupt), payload
+        return PendingJWS(key, header, payload, alg, salt, corrupt), payload
 
     def _sign_code(self, name, code, table, fault):
         """Response JWT carrying a one-time code.  If a token fault patched the
@@ -631,17 +748,22 @@ class Sandbox:
             raise ApiError(401, "InvalidToken", "The token (access_token) is invalid")
         return pair
 
-    def _issue_pair(self, client_id, user_id, family=None, consentid=None):
+    def _issue_pair(self, client_id, user_id, source, family=None, consentid=None,
+                    access_ttl=None, refresh_ttl=None):
         now = int(time.time())
         pair = {
             "access_token": "at-" + rand(40), "refresh_token": "rt-" + rand(40),
-            "access_expires_on": now + self.config["access_ttl"],
-            "refresh_expires_on": now + self.config["refresh_ttl"],
+            "access_expires_on": now + (self.config["access_ttl"] if access_ttl is None
+                                        else access_ttl),
+            "refresh_expires_on": now + (self.config["refresh_ttl"] if refresh_ttl is None
+                                         else refresh_ttl),
             "user_id": user_id, "client_id": client_id,
             "family": family or "fam-" + rand(16),
             "consentid": consentid or "consent-" + rand(16),
             "issued_at": time.time(), "rotated": False,
+            "source": source, "delivered": False,
         }
+        self.token_counts["issued"][source] += 1
         self.pairs.append(pair)
         self.by_access[pair["access_token"]] = pair
         self.by_refresh[pair["refresh_token"]] = pair
@@ -694,7 +816,7 @@ class Sandbox:
                                 "redirect_uri": redirect_uri, "state": state, "user_id": user_id}
         self._secret("preauthorization_code", code)
         token = self._sign_code("preauthorization_code", code, self.pre_codes, fault)
-        return json_reply(201, self._apply_body_fault(
+        return api_reply(201, self._apply_body_fault(
             {"token": token, "session": self._session()}, fault))
 
     def ep_oauth_token(self, req, rec, fault):
@@ -720,7 +842,8 @@ class Sandbox:
                 for old in self.pairs:
                     if old["family"] == family and not old["rotated"]:
                         old["rotated"], consentid = True, old["consentid"]
-            pair = self._issue_pair(client_id, grant["user_id"], family, consentid)
+            pair = self._issue_pair(client_id, grant["user_id"],
+                                    "reauthorize" if family else "exchange", family, consentid)
         elif grant_type == "refresh_token":
             value = self._claim(c, "refresh_token", nonempty)
             old = self.by_refresh.get(value)
@@ -729,10 +852,13 @@ class Sandbox:
             if self._expired(old["refresh_expires_on"]):
                 raise ApiError(401, "InvalidToken", "The token (refresh_token) is expired")
             old["rotated"] = True  # rotation: old refresh and access token die
-            pair = self._issue_pair(client_id, old["user_id"], old["family"], old["consentid"])
+            pair = self._issue_pair(client_id, old["user_id"], "refresh", old["family"],
+                                    old["consentid"])
         else:
             raise validation_error()
-        return json_reply(201, self._apply_body_fault(self._token_body(pair, fault), fault))
+        reply = api_reply(201, self._apply_body_fault(self._token_body(pair, fault), fault))
+        reply.pairs.append(pair)
+        return reply
 
     def ep_oauth_token_reference(self, req, rec, fault):
         contract, c = self.check_client_jwt(req)
@@ -754,7 +880,7 @@ class Sandbox:
                                 "user_id": pair["user_id"], "family": pair["family"]}
         self._secret("reference_code", code)
         token = self._sign_code("reference_code", code, self.ref_codes, fault)
-        return json_reply(201, self._apply_body_fault(
+        return api_reply(201, self._apply_body_fault(
             {"token": token, "session": self._session()}, fault))
 
     def ep_reference(self, req, rec, fault):
@@ -764,11 +890,11 @@ class Sandbox:
                 and isinstance(body.get("value"), str) and body["value"]):
             raise validation_error()
         ref = "ref-" + hashlib.sha256(body["value"].encode("utf-8")).hexdigest()[:16]
-        return json_reply(201, self._apply_body_fault({"id": ref}, fault))
+        return api_reply(201, self._apply_body_fault({"id": ref}, fault))
 
     def ep_jwks(self, req, rec, fault):
         body = {"keys": [self.pki.jwk(self.config["jwks_pem"])]}
-        return json_reply(200, self._apply_body_fault(body, fault))
+        return api_reply(200, self._apply_body_fault(body, fault))
 
     def ep_onboard(self, req, rec, fault):
         """Stand-in for the onboarding web app: consent is immediate."""
@@ -903,8 +1029,8 @@ class Sandbox:
             may("body", is_str, "a string")
             may("content_type", is_str, "a string")
             may("headers", str_dict, "an object of strings")
-        elif action == "hang":
-            need("seconds", lambda v: is_number(v) and v >= 0, "a number >= 0")
+        elif action in ("hang", "delay"):
+            need("seconds", lambda v: is_number(v) and 0 <= v <= 3600, "a number from 0 to 3600")
         elif action == "token":
             may("sign_with", lambda v: v in ("listed", "unlisted", "corrupt"),
                 "listed, unlisted or corrupt")
@@ -935,6 +1061,9 @@ class Sandbox:
             "sdk_blocklist": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
             "min_sdk_version": lambda v: v is None or isinstance(v, str),
             "jwks_pem": lambda v: v in ("spki", "pkcs1"),
+            "latency_ms": lambda v: isinstance(v, dict) and all(
+                k in FAULT_ACTIONS and is_number(ms) and 0 <= ms <= 600000
+                for k, ms in v.items()),
         }
         if not isinstance(body, dict):
             raise ControlError(400, "expected a JSON object")
@@ -980,10 +1109,11 @@ class Sandbox:
         return 200, [r for r in self.requests if r["seq"] > since]
 
     def ctl_get_secrets(self, req, body):
-        values = []
+        values = {}
         for kind in SECRET_KINDS:
-            values += [v for v in self.secrets.get(kind, []) if v not in values]
-        return 200, {"values": values, "by_kind": self.secrets}
+            values.update(self.secrets.get(kind, {}))
+        return 200, {"values": list(values),
+                     "by_kind": {kind: list(v) for kind, v in self.secrets.items()}}
 
     def ctl_get_tokens(self, req, body):
         result = []
@@ -997,9 +1127,49 @@ class Sandbox:
             result.append(item)
         return 200, result
 
+    def ctl_post_mint(self, req, body):
+        """New users with one valid pair each, as if a code exchange had issued and
+        delivered it (source "mint")."""
+        if not isinstance(body, dict):
+            raise ControlError(400, "expected a JSON object")
+        app_id, contract_id = body.get("application_id"), body.get("contract_id")
+        if not (isinstance(app_id, str) and isinstance(contract_id, str)):
+            raise ControlError(400, "application_id and contract_id must be strings")
+        client_id = f"{app_id}_{contract_id}"
+        if client_id not in self.contracts:
+            raise ControlError(404, "unknown contract")
+        count = body.get("count")
+        if not (is_int(count) and 1 <= count <= MAX_MINT):
+            raise ControlError(400, f"count must be an integer from 1 to {MAX_MINT}")
+        for name in ("access_ttl", "refresh_ttl"):
+            if name in body and not is_int(body[name]):
+                raise ControlError(400, f"{name} must be an integer (seconds)")
+        unknown = body.keys() - {"application_id", "contract_id", "count",
+                                 "access_ttl", "refresh_ttl"}
+        if unknown:
+            raise ControlError(400, f"unknown member {sorted(unknown)[0]}")
+        pairs = []
+        for _ in range(count):
+            user_id = "user-" + rand(16)
+            self.users.add(user_id)
+            pair = self._issue_pair(client_id, user_id, "mint",
+                                    access_ttl=body.get("access_ttl"),
+                                    refresh_ttl=body.get("refresh_ttl"))
+            pair["delivered"] = True
+            self.token_counts["delivered"]["mint"] += 1
+            pairs.append({k: pair[k] for k in ("access_token", "refresh_token",
+                                               "access_expires_on", "refresh_expires_on",
+                                               "user_id", "consentid")})
+        return 201, {"pairs": pairs}
+
+    def ctl_get_stats(self, req, body):
+        return 200, {"since": self.stats_since, "requests": self.stats,
+                     "write_failed": self.write_failed, "tokens": self.token_counts}
+
     def ctl_post_reset(self, req, body):
         self.requests.clear()
         self.faults.clear()
+        self._clear_stats()
         if isinstance(body, dict) and body.get("all"):
             self._clear_flows()
         return 200, {}
@@ -1023,8 +1193,9 @@ class Handler(BaseHTTPRequestHandler):
         # The listening socket does not handshake in accept() (that would block
         # the accept loop); do it here, in the connection's own thread.
         self.request.settimeout(10)
-        # Headers and body go out in two writes: without TCP_NODELAY, Nagle plus
-        # the client's delayed ACK would add ~40 ms to every answer.
+        # An answer goes out in one write, but an interim "100 Continue" is a write
+        # of its own: without TCP_NODELAY, Nagle plus the client's delayed ACK could
+        # add ~40 ms after it.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.do_handshake()
         super().setup()
@@ -1040,7 +1211,7 @@ class Handler(BaseHTTPRequestHandler):
             body = self._read_body()
         except (BadRequest, ValueError):
             self.close_connection = True
-            self._send(Reply(400, b"bad request body", "text/plain"))
+            self._write(Reply(400, b"bad request body", "text/plain"))
             return
         headers = {}
         for name, value in self.headers.items():
@@ -1048,8 +1219,10 @@ class Handler(BaseHTTPRequestHandler):
             headers[name] = f"{headers[name]}, {value}" if name in headers else value
         req = Request(self.command, self.path, headers, body)
         req.client_port, req.connection_id = self.client_address[1], self.connection_id
+        sandbox = self.server.sandbox
         try:
-            reply = self.server.sandbox.handle(req)
+            reply = sandbox.handle(req)
+            reply.render()  # signs response JWTs, outside the lock
         except Exception as e:
             # Report where, but not the exception text (it could carry a secret).
             tb = "".join(traceback.format_tb(e.__traceback__))
@@ -1058,9 +1231,15 @@ class Handler(BaseHTTPRequestHandler):
         if reply.sleep:
             time.sleep(reply.sleep)
         if reply.close:
+            sandbox.answering(req, reply, False)
             self.close_connection = True  # nothing is written; the socket is closed
+        elif self._peer_gone():
+            sandbox.answering(req, reply, False)
+            self.close_connection = True  # the client gave up: nothing to write to
         else:
-            self._send(reply)
+            sandbox.answering(req, reply, True)
+            if not self._write(reply):
+                sandbox.unsent(req, reply)
         self._log(req.method, req.path, "closed" if reply.close else reply.status)
 
     def _read_body(self):
@@ -1085,16 +1264,50 @@ class Handler(BaseHTTPRequestHandler):
             raise BadRequest()
         return self.rfile.read(n)
 
-    def _send(self, reply):
-        self.send_response(reply.status)
-        for name, value in reply.headers:
-            if name.lower() != "content-length":
-                self.send_header(name, value)
-        if reply.content_type:
-            self.send_header("Content-Type", reply.content_type)
-        self.send_header("Content-Length", str(len(reply.body)))
-        self.end_headers()
-        self.wfile.write(reply.body)
+    def _peer_gone(self):
+        """True when the client has already given up on this connection: it shut
+        down its side (FIN: Linux's POLLRDHUP; HUP; error), or a TLS 1.2 alert such
+        as close_notify is waiting.  (A TLS 1.3 close_notify looks like application
+        data from outside, but clients close the socket right after it.)  Nothing is
+        read from the socket."""
+        poller = select.poll()
+        poller.register(self.request.fileno(), select.POLLIN | select.POLLPRI | POLLRDHUP)
+        events = poller.poll(0)
+        if not events:
+            return False  # nothing pending: the client is waiting for the answer
+        if events[0][1] & (POLLRDHUP | select.POLLHUP | select.POLLERR):
+            return True
+        try:  # readable, so this does not block (a timeout socket would wait otherwise)
+            data = socket.socket.recv(self.request, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True
+        return data in (b"", b"\x15")  # EOF, or a TLS record of type alert
+
+    def _write(self, reply):
+        """Writes the answer; True when every byte was handed to the kernel."""
+        try:
+            self.send_response(reply.status)
+            for name, value in reply.headers:
+                if name.lower() != "content-length":
+                    self.send_header(name, value)
+            if reply.content_type:
+                self.send_header("Content-Type", reply.content_type)
+            self.send_header("Content-Length", str(len(reply.body)))
+            if self.request_version != "HTTP/0.9" and hasattr(self, "_headers_buffer"):
+                # Head and body in one write (end_headers() would write the head on
+                # its own): one TLS record and one syscall less per answer.
+                self._headers_buffer += [b"\r\n", reply.body]
+                self.flush_headers()
+            else:
+                self.end_headers()
+                self.wfile.write(reply.body)
+            self.wfile.flush()
+        except OSError:  # reset, broken pipe, TLS failure, timeout
+            self.close_connection = True
+            return False
+        return True
 
     def _log(self, method, path, status):
         if self.server.verbose:  # path only: queries can carry codes
@@ -1109,6 +1322,7 @@ class Handler(BaseHTTPRequestHandler):
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = 128  # listen backlog (socketserver's default is 5)
 
     def __init__(self, address, sandbox, context, verbose):
         self.sandbox, self.verbose = sandbox, verbose
