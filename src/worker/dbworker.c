@@ -134,12 +134,16 @@ handle_sigterm(SIGNAL_ARGS)
 	errno = save_errno;
 }
 
+/*
+ * SIGINT keeps PostgreSQL's handler: lock_timeout works by signalling it.
+ * A cancel between steps is ignored (the loop clears it); one during a step
+ * fails that step, which is then retried or recorded like any failure.
+ */
 void
 dm_worker_process_init(void)
 {
 	pqsignal(SIGTERM, handle_sigterm);
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGINT, SIG_IGN);
 	BackgroundWorkerUnblockSignals();
 }
 
@@ -417,7 +421,7 @@ mark_sent(Task *t)
 }
 
 static void
-lock_wait_failed(Task *t, const char *what)
+lock_wait_failed(Task *t, const char *what, const char *detail)
 {
 	MemoryContext old = MemoryContextSwitchTo(t->cxt);
 
@@ -427,7 +431,7 @@ lock_wait_failed(Task *t, const char *what)
 		ereport(ERROR,
 				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
 				 errmsg("could not obtain %s within digime.worker_lock_timeout", what),
-				 errdetail("Another transaction or request holds it.")));
+				 errdetail("%s", detail)));
 	}
 	PG_CATCH();
 	{
@@ -468,7 +472,8 @@ step_claim(Task *t, TimestampTz now)
 				now >= TimestampTzPlusMilliseconds(t->deadline,
 												   (int64) dm_timeout_ms * (dm_retry_limit + 1)))
 			{
-				lock_wait_failed(t, "the authorization or token");
+				lock_wait_failed(t, "the authorization or token",
+								 "Another request for it is in progress; nothing was sent.");
 				t->state = TS_FAIL;
 				return;
 			}
@@ -521,7 +526,8 @@ step_store(Task *t, TimestampTz now)
 		finish(t, true);
 		return;
 	}
-	if (t->grant.have_token && e->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE)
+	if (t->grant.have_token &&
+		(e->sqlerrcode == ERRCODE_LOCK_NOT_AVAILABLE || e->sqlerrcode == ERRCODE_QUERY_CANCELED))
 	{
 		/* the token is in memory: never give it up; the caller may stop waiting */
 		if (t->deadline == 0 || t->state != TS_STORE)
@@ -529,7 +535,9 @@ step_store(Task *t, TimestampTz now)
 		t->state = TS_STORE;
 		if (now >= t->deadline && t->slot != NULL)
 		{
-			t->error = e;
+			lock_wait_failed(t, "the row of the token",
+							 "Another transaction holds it.  digi.me has issued the token: "
+							 "the digime worker stores it as soon as the row is free.");
 			reply(t, false);
 		}
 		t->wake_at = TimestampTzPlusMilliseconds(now, STORE_RETRY_MS);
@@ -1067,6 +1075,7 @@ dm_engine_run(DmEngineMode mode, DmSlot *oneshot_slot)
 		MemoryContextSwitchTo(loop_cxt);
 		MemoryContextReset(loop_cxt);
 		ResetLatch(MyLatch);
+		QueryCancelPending = false;	/* see dm_worker_process_init */
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 		{
