@@ -203,6 +203,8 @@ purge_body(DmCall *call)
 	memset(&a, 0, sizeof(a));
 	a.kind = DM_REQ_PURGE;
 	a.actor = call->actor;
+	a.retention_s = dm_authorization_retention;
+	a.audit_retention_s = dm_audit_retention;
 	dm_worker_request(&a, &r, NULL, "digime.authorizations and digime.audit_log");
 	return procedure_result(call, 2, r.counts);
 }

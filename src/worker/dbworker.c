@@ -297,15 +297,24 @@ task_from_slot(DmSlot *slot)
 	return t;
 }
 
+/* Progress of a batch, for the backend's NOTICEs: woken at each tenth. */
 static void
 slot_progress(Task *t)
 {
+	int64		done = t->counts[0] + t->counts[1] + t->counts[2] + t->counts[3];
+	int64		before;
+	PGPROC	   *caller;
+
 	if (t->slot == NULL)
 		return;
 	SpinLockAcquire(&t->slot->mutex);
-	t->slot->progress_done = t->counts[0] + t->counts[1] + t->counts[2] + t->counts[3];
+	before = t->slot->progress_done;
+	t->slot->progress_done = done;
 	t->slot->progress_total = t->total;
+	caller = t->slot->abandoned ? NULL : t->slot->caller;
 	SpinLockRelease(&t->slot->mutex);
+	if (caller != NULL && t->total > 0 && before * 10 / t->total != done * 10 / t->total)
+		SetLatch(&caller->procLatch);
 }
 
 /* Answers the backend (or frees the slot of one that left). */
@@ -755,7 +764,9 @@ txn_purge(Task *t)
 	{
 		uint64		e;
 
-		t->counts[1] += dm_store_purge(dm_authorization_retention, dm_audit_retention,
+		/* a backend's request brings its own settings; the worker's rounds use its own */
+		t->counts[1] += dm_store_purge(t->slot ? t->args.retention_s : dm_authorization_retention,
+									   t->slot ? t->args.audit_retention_s : dm_audit_retention,
 									   PURGE_BATCH, &e, &more);
 		expired += e;
 	}

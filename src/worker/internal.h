@@ -49,6 +49,8 @@ typedef struct DmRequest
 	int64		within_ms;
 	int			concurrency;
 	int64		max_tokens;
+	int			retention_s;
+	int			audit_retention_s;
 	int			end_user,
 				audit_action,
 				contract_id,

@@ -186,6 +186,8 @@ dm_request_pack(DmRequest *r, const DmRequestArgs *a)
 	r->within_ms = a->within_ms;
 	r->concurrency = a->concurrency;
 	r->max_tokens = a->max_tokens;
+	r->retention_s = a->retention_s;
+	r->audit_retention_s = a->audit_retention_s;
 	r->used = 0;
 	r->end_user = put(r, a->actor.end_user);
 	r->audit_action = put(r, a->audit_action);
@@ -217,6 +219,8 @@ dm_request_unpack(const DmRequest *r, DmRequestArgs *a)
 	a->within_ms = r->within_ms;
 	a->concurrency = r->concurrency;
 	a->max_tokens = r->max_tokens;
+	a->retention_s = r->retention_s;
+	a->audit_retention_s = r->audit_retention_s;
 	a->audit_action = get(r, r->audit_action);
 	a->contract_id = get(r, r->contract_id);
 	a->state = get(r, r->state);

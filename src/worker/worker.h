@@ -54,6 +54,8 @@ typedef struct DmRequestArgs
 	const char *sqlstate;		/* audit */
 	const char *reference;		/* audit */
 	bool		audit_ok;		/* audit */
+	int			retention_s;	/* purge: digime.authorization_retention of the caller */
+	int			audit_retention_s;	/* purge: digime.audit_retention of the caller */
 } DmRequestArgs;
 
 /* The worker's answer (errors are raised by dm_worker_request). */
