@@ -349,9 +349,10 @@ def refresh_errors_and_scrubbing():
     rt = tok["refreshToken"]["value"]
     hint = ("The refresh token of user access token %d is no longer valid: the user must reauthorize, "
             "see digime_reauthorize_url(%d, callback)." % (tid, tid))
-    for status, code, sqlstate, want_hint in ((401, "InvalidToken", "YD001", hint),
-                                              (400, "InvalidGrant", "YD007", hint),
-                                              (500, "SomethingNew", "YD000", None)):
+    for status, code, sqlstate, want_hint, health in (
+            (401, "InvalidToken", "YD001", hint, ("needs_reauthorization", "YD001", 0)),
+            (400, "InvalidGrant", "YD007", hint, ("needs_reauthorization", "YD007", 0)),
+            (500, "SomethingNew", "YD000", None, ("active", "YD000", 1))):
         # the API's message quotes the refresh token: digime must not repeat it
         msg = "The token (%s) is invalid" % rt
         sb.fault(endpoint="oauth/token", action="error", status=status, code=code, message=msg, reference=REF)
@@ -363,6 +364,14 @@ def refresh_errors_and_scrubbing():
                "refresh %s: DETAIL redacted too" % code)
         tap.eq(err and err[3], want_hint, "refresh %s: hint" % code)
         no_secret(err, "refresh %s" % code)
+        tap.eq(q(conn, "SELECT status, last_error_sqlstate, refresh_failures FROM digime.user_tokens "
+                       "WHERE id = %s", (tid,)), [health], "refresh %s: token health %s" % (code, health[0]))
+        tap.eq(q1(conn, "SELECT last_error FROM digime.user_tokens WHERE id = %s", (tid,)),
+               "digi.me API error %s: The token ([redacted]) is invalid" % code,
+               "refresh %s: last_error is the message, redacted" % code)
+        # the next case starts from a healthy token again
+        q(conn, "UPDATE digime.user_tokens SET status = 'active', refresh_failures = 0, "
+                "next_refresh_at = NULL WHERE id = %s", (tid,))
     tap.eq(dmtest.token_json(conn, tid), tok, "row unchanged by failed refreshes")
 
     # the exchange: an API message quoting the code and the verifier

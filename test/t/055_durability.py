@@ -96,8 +96,15 @@ def error_later_in_statement():
     tap.ok(last_issued()["access_token"] in stored_access_tokens(), "with the issued values")
 
 
+def quiet(c):
+    """The application's own statements carry callback URLs (codes): keep them out of the log,
+    as README "Caveats" advises for wrappers digime cannot recognise."""
+    q(c, "SET log_statement = 'none'; SET log_min_error_statement = 'panic'")
+
+
 @tap.test
 def trigger_and_multi_row_insert():
+    quiet(conn)
     q(conn, """
         CREATE TABLE app_callbacks (id serial PRIMARY KEY, url text NOT NULL, token_id bigint,
                                     note text CHECK (note <> 'bad'));
@@ -111,6 +118,7 @@ def trigger_and_multi_row_insert():
     # a trigger in a transaction that later fails
     loc = callback_url()
     c = dmtest.connect(DB)
+    quiet(c)
     q(c, "BEGIN")
     q(c, "INSERT INTO app_callbacks (url) VALUES (%s)", (loc,))
     err = error(c, "SELECT 1/0")
@@ -131,6 +139,7 @@ def trigger_and_multi_row_insert():
     tap.eq(n_tokens(), n0 + 3, "the tokens of all three rows are stored")
     stored = stored_access_tokens()
     tap.ok(all(p["access_token"] in stored for p in sb.tokens()[-3:]), "with the issued values")
+    q(conn, "RESET log_statement; RESET log_min_error_statement")
     c.close()
 
 
