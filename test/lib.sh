@@ -10,7 +10,7 @@ set -euo pipefail
 DM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DM_PY=/usr/bin/python3
 DM_PG_BIN=/usr/lib/postgresql/15/bin
-DM_PACKAGES=(make gcc postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libssl-dev
+DM_PACKAGES=(make gcc postgresql-15 postgresql-server-dev-15 postgresql-15-cron libcurl4-openssl-dev libssl-dev
              libipc-run-perl python3-jwt python3-cryptography python3-psycopg2 curl openssl)
 
 dm_log() { printf '== %s\n' "$*" >&2; }
