@@ -448,6 +448,9 @@ class Sandbox:
                              "delivered": dict.fromkeys(TOKEN_SOURCES, 0)}
 
     def _clear_flows(self):
+        # pairs outlive a reset in the archive, frozen as they were (GET tokens?archived=1)
+        self.archived = getattr(self, "archived", []) + [
+            item for item in self._token_items() if item["delivered"]]
         self.config = json.loads(json.dumps(DEFAULT_CONFIG))
         self.users = set()
         self.pre_codes = {}    # preauthorization code -> pending authorization
@@ -1115,9 +1118,9 @@ class Sandbox:
         return 200, {"values": list(values),
                      "by_kind": {kind: list(v) for kind, v in self.secrets.items()}}
 
-    def ctl_get_tokens(self, req, body):
+    def _token_items(self):
         result = []
-        for p in self.pairs:
+        for p in getattr(self, "pairs", []):
             access = "rotated" if p["rotated"] else (
                 "expired" if self._expired(p["access_expires_on"]) else "valid")
             refresh = "rotated" if p["rotated"] else (
@@ -1125,7 +1128,11 @@ class Sandbox:
             item = {k: v for k, v in p.items() if k != "rotated"}
             item.update(state=access, access_state=access, refresh_state=refresh)
             result.append(item)
-        return 200, result
+        return result
+
+    def ctl_get_tokens(self, req, body):
+        archived = (parse_qs(req.query).get("archived") or ["0"])[0] == "1"
+        return 200, (self.archived if archived else []) + self._token_items()
 
     def ctl_post_mint(self, req, body):
         """New users with one valid pair each, as if a code exchange had issued and
