@@ -5,8 +5,6 @@ POST /_sandbox/mint and GET /_sandbox/stats (test/sandbox/README.md).  The test 
 the API like digime does (PS512 client JWTs), with a contract of its own.  Kept short:
 the waits add up to about 2 s.
 """
-import base64
-import hashlib
 import http.client
 import json
 import os
