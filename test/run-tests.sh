@@ -5,12 +5,26 @@
 # API and a throwaway PostgreSQL 15 cluster, runs every suite (pg_regress,
 # then the TAP tests in test/t/), and exits non-zero on any failure.
 # DM_KEEP=1 keeps the work directory (logs) for inspection.
+#
+#     bash test/run-tests.sh --asan
+# runs the same suites against digime built with AddressSanitizer and
+# UndefinedBehaviorSanitizer (the server loads the runtimes by LD_PRELOAD) and
+# fails also on any sanitizer report, which it prints.
 source "$(dirname "$0")/lib.sh"
+
+DM_ASAN=
+for arg in "$@"; do
+    case $arg in
+        --asan) DM_ASAN=1 ;;
+        *) echo "usage: bash test/run-tests.sh [--asan]" >&2; exit 2 ;;
+    esac
+done
 
 dm_require_root
 dm_install_deps
 dm_build
 dm_workdir
+[ -z "$DM_ASAN" ] || dm_asan_build
 
 APP=qgEUV8iJENRiUkuYF5lLpdsOv7Hp0biy
 dm_start_sandbox \
@@ -28,6 +42,7 @@ dm_start_cluster \
     "max_connections = 40" \
     "max_worker_processes = 40" \
     "digime.worker_naptime = 2"
+[ -z "$DM_ASAN" ] || dm_asan_check_server
 export DM_ROOT DM_PG_BIN
 
 failed=0
@@ -40,6 +55,12 @@ fi
 dm_log "TAP tests"
 cd "$DM_ROOT"
 prove --exec "$DM_PY" --timer test/t/*.py || failed=1
+
+if [ -n "$DM_ASAN" ]; then
+    # shutdown code runs instrumented too, and every process has written its reports
+    dm_stop_cluster || failed=1
+    dm_sanitizer_reports || failed=1
+fi
 
 if [ "$failed" != 0 ]; then
     echo "FAILED" >&2

@@ -64,6 +64,13 @@ class Tap:
         sys.stdout.flush()
         return cond
 
+    def skip(self, name, reason):
+        """A test that does not apply to this run: passes, with the reason (TAP "# skip")."""
+        self.n += 1
+        print("ok %d - %s # skip %s" % (self.n, name, reason))
+        sys.stdout.flush()
+        return True
+
     def eq(self, got, want, name):
         return self.ok(got == want, name, "got:  %r\nwant: %r" % (got, want))
 
@@ -514,6 +521,16 @@ def as_postgres(*cmd, check=True, timeout=120):
                           text=True, cwd="/")
 
 
+def server_env():
+    """NAME=VALUE words for `env` that only a postmaster start gets (DM_SERVER_ENV, one a line; set by
+    run-tests.sh --asan: the sanitizer runtimes and their options)."""
+    return [l for l in os.environ.get("DM_SERVER_ENV", "").splitlines() if "=" in l]
+
+
+# Set by run-tests.sh --asan: the server runs digime built with ASan and UBSan.
+SANITIZED = bool(os.environ.get("DM_SANITIZE"))
+
+
 class Cluster:
     """A throwaway cluster in $DM_WORK/clusters/NAME: data/, socket/, keys/ and postgres.log.
 
@@ -591,8 +608,8 @@ class Cluster:
     def start(self, expect_failure=False, check=True):
         """Starts the server; returns True when it runs.  With check, raises on an unexpected outcome."""
         self.write_settings()
-        r = as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-l", self.log, "-w",
-                        "-t", "30", "start", check=False)
+        r = as_postgres("env", *server_env(), os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-l", self.log,
+                        "-w", "-t", "30", "start", check=False)
         self.running = r.returncode == 0
         if check and self.running == expect_failure:
             fatal = [l for l in self.log_text().splitlines()[-200:] if " FATAL: " in l or " PANIC: " in l]

@@ -333,8 +333,15 @@ def no_leak_per_call():
         q(c, AUTH_SQL, (C1, CB, states[i % 10]))
     dt = time.time() - t0
     rss1, anon1, ctx1 = mem()
-    tap.ok(rss1 - rss0 < 3072, "300 authorize calls: VmRSS grew %d kB (< 3 MB), %.1f s" % (rss1 - rss0, dt))
-    tap.ok(anon1 - anon0 < 1024, "300 authorize calls: RssAnon grew %d kB (< 1 MB)" % (anon1 - anon0))
+    if dmtest.SANITIZED:
+        # ASan keeps freed memory in quarantine (up to 256 MB) instead of reusing it, so RSS grows
+        # by what the calls allocated (~250 MB here); the memory-context check below still applies
+        why = "under ASan RSS measures its quarantine, not leaks (grew %d kB)" % (rss1 - rss0)
+        tap.skip("300 authorize calls: VmRSS flat", why)
+        tap.skip("300 authorize calls: RssAnon flat", why)
+    else:
+        tap.ok(rss1 - rss0 < 3072, "300 authorize calls: VmRSS grew %d kB (< 3 MB), %.1f s" % (rss1 - rss0, dt))
+        tap.ok(anon1 - anon0 < 1024, "300 authorize calls: RssAnon grew %d kB (< 1 MB)" % (anon1 - anon0))
     tap.ok(abs(ctx1 - ctx0) < 65536, "memory contexts total %d -> %d bytes (flat)" % (ctx0, ctx1))
     c.close()
 
