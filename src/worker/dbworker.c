@@ -624,13 +624,20 @@ txn_inbox_list(Task *t)
 	MemoryContext old;
 	Oid			role = (t->slot && !t->args.actor.is_admin) ? t->args.actor.role : InvalidOid;
 
-	dlist_foreach(it, &tasks)
-	{
-		Task	   *o = dlist_container(Task, node, it.cur);
+	/*
+	 * The worker's own rounds leave rows alone that are in flight; a
+	 * backend's digime_process_inbox takes them too, so that it returns when
+	 * they are done (its child waits for the claim and then finds the
+	 * authorization completed).
+	 */
+	if (t->slot == NULL)
+		dlist_foreach(it, &tasks)
+		{
+			Task	   *o = dlist_container(Task, node, it.cur);
 
-		if (o->kind == TK_GRANT && o->grant.inbox_id != 0)
-			exclude = lappend(exclude, &o->grant.inbox_id);
-	}
+			if (o->kind == TK_GRANT && o->grant.inbox_id != 0)
+				exclude = lappend(exclude, &o->grant.inbox_id);
+		}
 	rows = dm_store_inbox_due(role, INBOX_BATCH, exclude);
 	old = MemoryContextSwitchTo(t->cxt);
 	foreach(lc, rows)

@@ -253,6 +253,29 @@ def discarded_tokens():
         return set()
 
 
+def revoke_token(admin, token_id):
+    """digime_revoke_token as the administrator, telling 088 that the token goes on purpose."""
+    try:
+        discard_tokens([q1(admin, "SELECT digime.digime_user_access_token(%s)", (token_id,))
+                        ["accessToken"]["value"]])
+    except psycopg2.Error:
+        pass    # revoked already, or not readable
+    return q1(admin, "SELECT digime.digime_revoke_token(%s)", (token_id,))
+
+
+def discard_all_tokens(admin, where="true"):
+    """Tells 088 that the tokens a test deletes (where: a condition on digime.user_tokens) go on purpose."""
+    ids = [r[0] for r in q(admin, "SELECT id FROM digime.user_tokens WHERE status <> 'revoked' AND "
+                                  + where)]
+    vals = []
+    for t in ids:
+        try:
+            vals.append(q1(admin, "SELECT digime.digime_user_access_token(%s)", (t,))["accessToken"]["value"])
+        except psycopg2.Error:
+            pass
+    discard_tokens(vals)
+
+
 def stored_access_tokens(conn):
     """Access tokens of every token row of a database (digime installed), as its superuser reads them."""
     out = set()

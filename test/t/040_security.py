@@ -411,6 +411,7 @@ def table_matrix():
     tap.eq(all_tokens(), owners, "no token row was deleted or changed owner")
     # a role deletes its own token row
     victim = tokens[MEMBER].pop()
+    d.discard_all_tokens(admin, "id = %d" % victim)
     tap.eq(d.q(conns[MEMBER], "DELETE FROM digime.user_tokens WHERE id = %s RETURNING id", (victim,)),
            [(victim,)], "t040_member deletes its own token row")
     # the DBA sees everything
@@ -745,7 +746,7 @@ def hostile_search_path():
         d.q(admin, "SELECT digime.digime_revoke_contract('t040-hostile', 't040_app_a')")
         d.q(admin, "SELECT digime.digime_drop_contract('t040-hostile')")
         tap.eq(d.q1(admin, "SELECT digime.digime_reencrypt_secrets()"), 0, "DBA: reencrypt_secrets -> 0")
-        tap.eq(d.q1(admin, "SELECT digime.digime_revoke_token(%s)", (imp,)), True, "DBA: revoke_token works")
+        tap.eq(d.revoke_token(admin, imp), True, "DBA: revoke_token works")
         tap.eq(d.q1(admin, "SELECT digime.digime_encryption_key_id() IS NOT NULL"), True, "DBA: key id")
     finally:
         d.q(admin, "RESET search_path")
@@ -796,7 +797,7 @@ def revoke_token():
     t = tokens[B][0]
     denied(conns[A], A, "revoke_token", "SELECT digime.digime_revoke_token(%s)", (t,))
     seq = sb.last_seq()
-    tap.eq(d.q1(admin, "SELECT digime.digime_revoke_token(%s)", (t,)), True, "DBA revokes t040_app_b's token")
+    tap.eq(d.revoke_token(admin, t), True, "DBA revokes t040_app_b's token")
     tap.eq(sb.last_seq(), seq, "revoke_token is a local change (no API call)")
     tap.eq(d.q(conns[B], "SELECT status FROM digime.user_tokens_info WHERE id = %s", (t,)), [("revoked",)],
            "t040_app_b sees its token as revoked")
@@ -870,6 +871,7 @@ def drop_contract():
            "drop_contract refuses while tokens use it (2BP01)", repr(e))
     tap.eq(d.q1(admin, "SELECT count(*) FROM digime.user_tokens WHERE contract_id = 't040-c3'"), 2,
            "nothing was dropped")
+    d.discard_all_tokens(admin, "contract_id = 't040-c3'")
     d.q(admin, "SELECT digime.digime_drop_contract('t040-c3', cascade => true)")
     tap.eq(d.q(admin, "SELECT (SELECT count(*) FROM digime.contracts WHERE contract_id = 't040-c3'), "
                       "(SELECT count(*) FROM digime.user_tokens WHERE contract_id = 't040-c3'), "

@@ -76,6 +76,7 @@ def main_cluster_sealed():
     t2 = d.full_authorization(conn, sb, "t050-c1", state="t050-b")["id"]
     url_p, verifier, _ = d.authorize(conn, "t050-c1", state="t050-pending")
     plain = plaintexts(conn, [t1, t2])
+    d.discard_tokens([at for at, _ in plain.values()])     # damaged on purpose below
     stored = secrets_of(conn)
     want_plain = {("contracts", "private_key", "t050-c1"): pem, ("contracts", "private_key", "t050-c2"): pem2}
     for t, (at, rt) in plain.items():

@@ -334,7 +334,7 @@ def valid_access_token():
            "after a reauthorization the token is active again")
     tap.ok(q1(conn, "SELECT digime.digime_valid_access_token(%s)", (tid,)) is not None, "and usable")
     # revoked
-    q(conn, "SELECT digime.digime_revoke_token(%s)", (tid,))
+    dmtest.revoke_token(conn, tid)
     err = error(conn, "SELECT digime.digime_valid_access_token(%s)", (tid,))
     tap.eq(err and err[0], "YD031", "revoked: YD031")
 
@@ -386,7 +386,7 @@ def retention():
     aid = q1(conn, "SELECT id FROM digime.authorizations WHERE state = %s", (st,))
     q(conn, "UPDATE digime.authorizations SET expires_at = now() - interval '1 second' WHERE id = %s", (aid,))
     (tid, _), = minted_tokens(1)
-    q(conn, "SELECT digime.digime_revoke_token(%s)", (tid,))
+    dmtest.revoke_token(conn, tid)
     res = q(conn, "CALL digime.digime_purge()")[0]
     tap.eq(q(conn, "SELECT status, code_verifier IS NULL, finished_at IS NOT NULL FROM digime.authorizations "
                    "WHERE id = %s", (aid,)), [("expired", True, True)],
