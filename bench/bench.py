@@ -10,9 +10,11 @@ median and 90th percentile per scenario plus ratios to the first one:
   flow       warm authorize + onboarding page + handle_callback (code exchange)
   refresh    warm digime_refresh_token
 
-Compared against: digime itself in the SDK's way of working (no-cache, cold);
+Compared against: digime itself in the SDK's way of working (no-cache, cold), and,
+with DM_NODE_SDK set, the Node.js SDK itself (bench/node-sdk.js, run by run.sh);
 the sandbox's own cost (Python, RSA signing per answer) is part of every figure.
 """
+import json
 import os
 import statistics
 import sys
@@ -77,3 +79,7 @@ base = results[0][2]
 print("%-9s %6s %10s %10s %8s" % ("scenario", "calls", "median ms", "p90 ms", "x warm"))
 for name, n, med, p90 in results:
     print("%-9s %6d %10.2f %10.2f %8.2f" % (name, n, med, p90, med / base))
+if os.environ.get("DM_BENCH_JSON"):  # for bench/node-sdk.js --compare (see bench/run.sh)
+    with open(os.environ["DM_BENCH_JSON"], "w") as f:
+        json.dump({"calls": N, "results": [{"scenario": name, "calls": n, "median_ms": round(med, 2),
+                                            "p90_ms": round(p90, 2)} for name, n, med, p90 in results]}, f)
