@@ -32,6 +32,7 @@ _PG_init(void)
 
 	/* first: from now on, statements with secrets are logged redacted */
 	dm_redact_init();
+	dm_hint_init();
 
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
 		ereport(ERROR,

@@ -134,4 +134,10 @@ extern int64 dm_arg_interval_ms(FunctionCallInfo fcinfo, int argno, const char *
  */
 extern void dm_redact_init(void);
 
+/* ---------------------------------------------------------------------
+ * hint.c — a HINT for PostgreSQL's permission errors on digime's objects
+ * ---------------------------------------------------------------------
+ */
+extern void dm_hint_init(void);
+
 #endif							/* DIGIME_UTIL_H */

@@ -281,6 +281,13 @@ def function_matrix():
                       ("SELECT digime.digime_reencrypt_secrets()", None),
                       ("SELECT digime.digime_encryption_key_id()", None)):
         denied(conn, NONE, sql.split("(")[0].split(".")[-1], sql, args)
+    # PostgreSQL's own refusal gets a HINT saying what to do
+    for sql in ("SELECT * FROM digime.digime_authorize_url('c', 'https://a.example/', 's')",
+                "SELECT * FROM digime.user_tokens_info", "CALL digime.digime_refresh_expiring()"):
+        e = d.error(conn, sql)
+        tap.eq(e and (e[0], e[3]), (DENIED, "An administrator lets a role use digime with "
+                                            "digime.digime_grant_contract(contract_id, role)."),
+               "%s: %s -> 42501 with a HINT naming digime_grant_contract" % (NONE, sql[:40]))
 
     # the DBA: every flow function, with any role's token
     url, verifier = authorize(admin, C2, "m-dba")
