@@ -128,7 +128,9 @@ run(Stmt *st, Params *p, DmRead read, int expect)
 	Assert(p == NULL || p->n == st->nargs);
 	if (st->plan == NULL)
 	{
-		SPIPlanPtr	plan = SPI_prepare(st->sql, st->nargs, st->types);
+		/* a generic plan: every statement is an index lookup, planning it again is waste */
+		SPIPlanPtr	plan = SPI_prepare_cursor(st->sql, st->nargs, st->types,
+											  CURSOR_OPT_GENERIC_PLAN);
 
 		if (plan == NULL)
 			elog(ERROR, "SPI_prepare failed (%s) for: %s",
@@ -812,17 +814,15 @@ dm_store_pending_insert(const DmActor *a, const char *kind, const char *contract
 	return id;
 }
 
-/* $1 state, $2 role, $3 end user: uses index authorizations_state */
-STMT(st_pending_count,
-	 "SELECT count(*) FROM digime.authorizations "
-	 "WHERE owner_role OPERATOR(pg_catalog.=) $2::pg_catalog.regrole "
-	 "  AND state OPERATOR(pg_catalog.=) $1 AND status OPERATOR(pg_catalog.=) 'pending' "
-	 "  AND ($3::pg_catalog.text IS NULL OR end_user OPERATOR(pg_catalog.=) $3)",
-	 TEXTOID, OIDOID, TEXTOID);
+/*
+ * $1 state, $2 role, $3 end user: through index authorizations_state; the
+ * last column counts the pending ones (several end users of the role).
+ */
 STMT(st_authorization_find,
 	 "SELECT id, kind, contract_id, code_verifier, token_id, status, "
 	 "  status OPERATOR(pg_catalog.=) 'pending' "
-	 "    AND expires_at OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp(), code_hash "
+	 "    AND expires_at OPERATOR(pg_catalog.<) pg_catalog.clock_timestamp(), code_hash, "
+	 "  pg_catalog.count(*) FILTER (WHERE status OPERATOR(pg_catalog.=) 'pending') OVER () "
 	 "FROM digime.authorizations "
 	 "WHERE owner_role OPERATOR(pg_catalog.=) $2::pg_catalog.regrole "
 	 "  AND state OPERATOR(pg_catalog.=) $1 "
@@ -839,12 +839,13 @@ dm_store_authorization_find(const DmActor *a, const char *state, DmPending *out)
 	p_text(&p, state);
 	p_datum(&p, ObjectIdGetDatum(a->role));
 	p_text(&p, a->end_user);
+	if (run(&st_authorization_find, &p, DM_READ_CURRENT, SPI_OK_SELECT) == 0)
+		return false;
 
 	/* pending for several end users: only digime.end_user can tell which */
 	if (a->end_user == NULL)
 	{
-		run(&st_pending_count, &p, DM_READ_CURRENT, SPI_OK_SELECT);
-		if (col_int8(0, 1) > 1)
+		if (col_int8(0, 9) > 1)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("the callback's state is pending for more than one end user of role \"%s\"",
@@ -852,8 +853,6 @@ dm_store_authorization_find(const DmActor *a, const char *state, DmPending *out)
 					 errhint("Set digime.end_user to the end user the callback belongs to, "
 							 "or use states that are unique within the role.")));
 	}
-	if (run(&st_authorization_find, &p, DM_READ_CURRENT, SPI_OK_SELECT) == 0)
-		return false;
 	memset(out, 0, sizeof(*out));
 	out->id = col_int8(0, 1);
 	out->kind = col_text(0, 2);

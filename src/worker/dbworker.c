@@ -147,6 +147,20 @@ dm_worker_process_init(void)
 	BackgroundWorkerUnblockSignals();
 }
 
+/*
+ * Session settings of a worker, once connected: statements name every
+ * object with its schema, and no statement waits on a lock for more than a
+ * moment (a busy row is retried; see the top of this file).
+ */
+static void
+worker_session_settings(void)
+{
+	(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_SUSET,
+							 PGC_S_OVERRIDE, GUC_ACTION_SET, true, 0, false);
+	(void) set_config_option("lock_timeout", "20", PGC_SUSET,
+							 PGC_S_OVERRIDE, GUC_ACTION_SET, true, 0, false);
+}
+
 /* ---------------------------------------------------------------------
  * Transactions
  * ---------------------------------------------------------------------
@@ -180,10 +194,6 @@ txn_run(Task *t, TxnFn fn, ErrorData **error)
 		if (SPI_connect() != SPI_OK_CONNECT)
 			elog(ERROR, "SPI_connect failed");
 		owner = fn == txn_check_extension ? save_user : dm_store_extension_owner();
-		(void) set_config_option("search_path", "pg_catalog, pg_temp", PGC_SUSET,
-								 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
-		(void) set_config_option("lock_timeout", "20", PGC_SUSET,
-								 PGC_S_SESSION, GUC_ACTION_LOCAL, true, 0, false);
 		SetUserIdAndSecContext(owner, save_sec | SECURITY_LOCAL_USERID_CHANGE |
 							   SECURITY_RESTRICTED_OPERATION);
 		fn(t);
@@ -1080,6 +1090,7 @@ dm_engine_run(DmEngineMode mode, DmSlot *oneshot_slot)
 {
 	MemoryContext loop_cxt;
 
+	worker_session_settings();
 	engine_mode = mode;
 	engine_cxt = AllocSetContextCreate(TopMemoryContext, "digime engine", ALLOCSET_DEFAULT_SIZES);
 	loop_cxt = AllocSetContextCreate(TopMemoryContext, "digime loop", ALLOCSET_DEFAULT_SIZES);
