@@ -4,7 +4,9 @@
 # runs the whole digi.me authorization from SQL against the bundled sandbox:
 # registers a freshly generated contract key, starts an authorization,
 # follows the onboarding URL as a browser would, hands the callback URL to
-# digime_handle_callback, and prints the stored token with secrets masked.
+# digime_handle_callback, hands a second user's callback to the callback inbox
+# (the digime worker completes it), refreshes expiring tokens in a batch, and
+# prints the audit trail and the stored tokens with secrets masked.
 source "$(dirname "$0")/lib.sh"
 
 dm_require_root
@@ -13,7 +15,8 @@ dm_build
 dm_workdir
 dm_start_sandbox
 dm_make_key_file "$DM_WORK/keys/digime.key"
-dm_start_cluster "shared_preload_libraries = 'digime'" "digime.key_file = '$DM_WORK/keys/digime.key'"
+dm_start_cluster "shared_preload_libraries = 'digime'" "digime.key_file = '$DM_WORK/keys/digime.key'" \
+    "digime.worker_naptime = 2"
 
 APP=demo-application
 CONTRACT=demo-contract
@@ -55,15 +58,32 @@ echo "callback: ${LOCATION%%code=*}code=…"
 dm_log "the application hands the callback URL to digime_handle_callback"
 psql -c "SELECT id, user_id, state FROM digime.digime_handle_callback('$LOCATION')" >/dev/null
 
-dm_log "the stored user access token (secrets masked)"
+dm_log "a job hands a second user's callback to the inbox; the digime worker completes it"
+URL2=$(psql -At -c "SELECT url FROM digime.digime_authorize_url('$CONTRACT', '$CALLBACK', 'bob')")
+LOCATION2=$(curl -s --cacert "$DM_CA_FILE" -o /dev/null -w '%{redirect_url}' "$URL2")
+psql -At -c "SELECT 'inbox row ' || digime.digime_submit_callback('$LOCATION2')"
+for _ in $(seq 1 50); do
+    [ "$(psql -At -c "SELECT status FROM digime.callback_inbox WHERE id = 1")" != pending ] && break
+    sleep 0.1
+done
+psql -c "SELECT id, status, token_id, attempts FROM digime.callback_inbox"
+
+dm_log "a scheduled job refreshes what expires soon (each refresh committed on its own)"
+psql -c "UPDATE digime.user_tokens SET access_token_expires_at = now() + interval '5 minutes'" >/dev/null
+psql -c "CALL digime.digime_refresh_expiring(within => '15 minutes')"
+
+dm_log "the audit trail (no secrets in it)"
+psql -c "SELECT id, role, action, token_id, outcome, reference FROM digime.audit_log ORDER BY id"
+
+dm_log "the stored user access tokens (secrets masked)"
 psql <<'EOF'
 \x on
-SELECT t.id, t.contract_id, t.owner_role, t.user_id, t.consent_id,
+SELECT t.id, t.contract_id, t.owner_role, t.user_id, t.consent_id, t.status,
        left(t.access_token, 7) || '…' AS access_token_at_rest,
        t.access_token_expires_at,
        left(t.refresh_token, 7) || '…' AS refresh_token_at_rest,
-       t.refresh_token_expires_at, t.state, t.account_reference, t.created_at
-  FROM digime.user_tokens t;
+       t.refresh_token_expires_at, t.refreshed_at, t.state, t.account_reference, t.created_at
+  FROM digime.user_tokens t ORDER BY t.id;
 SELECT jsonb_set(jsonb_set(digime.digime_user_access_token(1),
          '{accessToken,value}', to_jsonb(left(digime.digime_user_access_token(1) #>> '{accessToken,value}', 5) || '…')),
          '{refreshToken,value}', to_jsonb(left(digime.digime_user_access_token(1) #>> '{refreshToken,value}', 5) || '…'))
