@@ -99,6 +99,7 @@ typedef struct Task
 	ErrorData  *error;			/* the outcome, when failed */
 	int			fail_tries;
 	/* batch and inbox round */
+	bool		periodic;		/* the worker's own inbox round */
 	List	   *todo;			/* int64 * token ids, or DmInboxRow * */
 	int			children;		/* running */
 	int64		counts[4];
@@ -302,8 +303,6 @@ task_from_slot(DmSlot *slot)
 	MemoryContextSwitchTo(old);
 	if (tk == TK_GRANT)
 		grant_from_args(t);
-	if (tk == TK_INBOX)
-		inbox_round_running = true;
 	return t;
 }
 
@@ -374,7 +373,7 @@ count_child(Task *parent, Task *child, bool ok)
 		i = 1;
 	/* an inbox round counts done, failed, retrying */
 	if (parent->kind == TK_INBOX)
-		i = ok ? 0 : (child->state == TS_CLAIM ? 2 : 1);
+		i = ok ? 0 : (child->grant.inbox_retry ? 2 : 1);
 	parent->counts[i]++;
 	parent->children--;
 	slot_progress(parent);
@@ -393,7 +392,7 @@ finish(Task *t, bool ok)
 		}
 		dm_grant_release(&t->grant);
 	}
-	if (t->kind == TK_INBOX && t->parent == NULL)
+	if (t->periodic)
 		inbox_round_running = false;
 	reply(t, ok);
 	if (t->parent != NULL)
@@ -765,7 +764,7 @@ step_parent(Task *t)
 		t->todo = NIL;
 	}
 	while (t->todo != NIL && t->children < Max(t->args.concurrency, 1) &&
-		   inflight + t->children < dm_worker_max_inflight + t->children)
+		   inflight < dm_worker_max_inflight)
 		spawn_child(t);
 	if (t->todo == NIL && t->children == 0)
 		finish(t, true);
@@ -1006,6 +1005,7 @@ periodic(TimestampTz now)
 	{
 		Task	   *t = task_new(TK_INBOX, NULL, NULL);
 
+		t->periodic = true;
 		t->args.actor.is_admin = true;
 		t->args.concurrency = dm_worker_max_inflight;
 		inbox_round_running = true;
