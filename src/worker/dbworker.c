@@ -57,7 +57,7 @@
 
 PGDLLEXPORT void digime_dbworker_main(Datum arg);
 
-#define SHUTDOWN_GRACE_MS	4000
+#define SHUTDOWN_GRACE_MS	3000
 #define BUSY_RETRY_MS		20
 #define STORE_RETRY_MS		50
 #define PURGE_BATCH			1000
