@@ -303,11 +303,33 @@ def connect(dbname="postgres", user="postgres", **kw):
     return conn
 
 
+def discard_database_tokens(name, connect_to=None):
+    """Tells 088 that the tokens stored in database name go with it (before a DROP DATABASE)."""
+    connect_to = connect_to or connect
+    try:
+        c = connect_to(name)
+    except psycopg2.Error:
+        return      # no such database
+    try:
+        if q1(c, "SELECT count(*) FROM pg_extension WHERE extname = 'digime' AND extversion <> '1.0'"):
+            discard_tokens(stored_access_tokens(c))
+    finally:
+        c.close()
+
+
+def drop_database(admin, name, force=False):
+    """DROP DATABASE [IF EXISTS] name [WITH (FORCE)] after telling 088 that its tokens go with it.
+    Returns the error (psycopg2.Error) or None."""
+    discard_database_tokens(name)
+    return error(admin, 'DROP DATABASE %s"%s"%s' % ("IF EXISTS " if force else "", name,
+                                                    " WITH (FORCE)" if force else ""))
+
+
 def fresh_db(name, extension=True):
     """Drops and creates a database (with the extension) and returns a superuser connection."""
     admin = connect()
+    drop_database(admin, name, force=True)
     cur = admin.cursor()
-    cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
     cur.execute('CREATE DATABASE "%s"' % name)
     admin.close()
     conn = connect(name)
@@ -681,11 +703,7 @@ class Cluster:
                                           "AND NOT datistemplate")]
             admin.close()
             for db in dbs:
-                c = self.connect(db)
-                if q1(c, "SELECT count(*) FROM pg_extension WHERE extname = 'digime' "
-                         "AND extversion <> '1.0'"):
-                    discard_tokens(stored_access_tokens(c))
-                c.close()
+                discard_database_tokens(db, self.connect)
         except Exception:
             pass
 

@@ -100,7 +100,7 @@ def one_worker_per_database():
     sb.reset()
     root = d.connect()
     for db in ("t060a", "t060n"):
-        q(root, "DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+        d.drop_database(root, db, force=True)
     state["log_n"] = main_log_size()
     state["t_n"] = time.time()
     q(root, "CREATE DATABASE t060n")
@@ -206,7 +206,7 @@ def drop_database_right_after_create_extension():
     root = d.connect()
     times, errors = [], []
     for i in range(22):
-        q(root, "DROP DATABASE IF EXISTS t060x WITH (FORCE)")
+        d.drop_database(root, "t060x", force=True)
         q(root, "CREATE DATABASE t060x")
         c = d.connect("t060x")
         q(c, "CREATE EXTENSION digime")
@@ -216,7 +216,7 @@ def drop_database_right_after_create_extension():
         times.append(dt)
         if e is not None:
             errors.append("try %d (%d ms after the commit): %.2f s, %s" % (i, (i % 11) * 2, dt, e[:3]))
-    q(root, "DROP DATABASE IF EXISTS t060x WITH (FORCE)")
+    d.drop_database(root, "t060x", force=True)
     figure("DROP DATABASE right after CREATE EXTENSION", "max %.2f s, %d of 22 failed" % (max(times), len(errors)))
     tap.ok(not errors and max(times) < 2.5, "DROP DATABASE right after CREATE EXTENSION (worker starting) "
            "succeeds promptly, 22 times (max %.2f s)" % max(times), "\n".join(errors))
@@ -224,6 +224,7 @@ def drop_database_right_after_create_extension():
 
 
 def drop_timed(root, db):
+    d.discard_database_tokens(db)
     e, dt = timed(d.error, root, "DROP DATABASE %s" % db)
     return e, dt
 
@@ -232,7 +233,7 @@ def drop_timed(root, db):
 def drop_rename_template():
     root = d.connect()
     for db in ("t060d", "t060r", "t060r2", "t060t"):
-        q(root, "DROP DATABASE IF EXISTS %s WITH (FORCE)" % db)
+        d.drop_database(root, db, force=True)
 
     # DROP DATABASE (without FORCE) while the worker idles
     q(root, "CREATE DATABASE t060d")
@@ -338,7 +339,7 @@ def worker_memory_flat():
     valid = {t["access_token"] for t in sb.tokens() if t["state"] == "valid"}
     tap.ok(all(access_token(conn, t) in valid for t in toks), "every stored token is digi.me's current one")
     conn.close()
-    q(root, "DROP DATABASE t060m")
+    d.drop_database(root, "t060m")
     root.close()
 
 
