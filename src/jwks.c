@@ -13,7 +13,9 @@
  *
  * Fetched key sets are cached per backend, keyed by URL, for
  * digime.jwks_cache_ttl seconds; an unknown kid triggers one refetch per
- * call.  Before a call that consumes a one-time code, the set at
+ * call.  At most DM_JWKS_CACHE_MAX URLs are kept: each answer names its jku,
+ * and answers naming ever new URLs on the API's origin must not grow the
+ * backend without bound.  Before a call that consumes a one-time code, the set at
  * {base}jwks/oauth is prefetched so that a JWKS outage does not lose
  * freshly issued tokens.
  *
@@ -48,6 +50,9 @@ typedef struct JwksEntry
 } JwksEntry;
 
 static List *jwks_cache = NIL;	/* of JwksEntry *, in TopMemoryContext */
+
+/* Key sets (jku URLs) kept at most; the API uses one. */
+#define DM_JWKS_CACHE_MAX 4
 
 static JwksEntry *
 cache_lookup(const char *url)
@@ -86,6 +91,28 @@ entry_clear_keys(JwksEntry *e)
 	e->nkeys = 0;
 }
 
+/* Drops the entry fetched longest ago. */
+static void
+cache_evict_oldest(void)
+{
+	JwksEntry  *oldest = NULL;
+	ListCell   *lc;
+
+	foreach(lc, jwks_cache)
+	{
+		JwksEntry  *e = lfirst(lc);
+
+		if (oldest == NULL || e->fetched_at < oldest->fetched_at)
+			oldest = e;
+	}
+	if (oldest == NULL)
+		return;
+	jwks_cache = list_delete_ptr(jwks_cache, oldest);
+	entry_clear_keys(oldest);
+	pfree(oldest->url);
+	pfree(oldest);
+}
+
 /* The "keys" array of a JWKS answer; NULL when the body is not a JWKS. */
 static JsonbContainer *
 jwks_keys(const DmHttpResponse *resp)
@@ -110,6 +137,8 @@ cache_store(const char *url, JsonbContainer *keys)
 	e = cache_lookup(url);
 	if (e == NULL)
 	{
+		while (list_length(jwks_cache) >= DM_JWKS_CACHE_MAX)
+			cache_evict_oldest();
 		e = palloc0(sizeof(JwksEntry));
 		e->url = pstrdup(url);
 		jwks_cache = lappend(jwks_cache, e);

@@ -6,6 +6,7 @@ with the sandbox's listed key, so that the edit reaches the parsing behind the s
 - JSON that pg_parse_json accepts but jsonb_in would raise on (numbers beyond numeric, deep
   nesting): the answer is malformed (YD010), not 22003 / 54001.
 - Numbers beyond float8 (exp, nbf, expires_on, session expiry): no 22003.
+- The JWKS cache stays bounded when every answer names a new jku on the API's origin.
 - TODO (api.c, reported, not fixed here): scrub() loops on a secret that occurs in
   "[redacted]" (e.g. a callback with code=a), and can cut a character in two.
 """
@@ -189,6 +190,32 @@ def numbers_beyond_float8():
         err = error(conn, "SELECT * FROM digime.digime_handle_callback(%s)", (loc,))
         expect("token answer with access_token.expires_on %s" % value, err, "YD010",
                "digi.me API answered oauth/token with an invalid access_token.expires_on", before)
+
+
+@tap.test
+def jwks_cache_bounded():
+    """Every answer names its own jku on the API's origin: the per-URL key cache must not grow."""
+    def unique_jku(s, ep, ans):
+        if ep == "oauth/authorize":
+            _n[0] += 1
+            s.resign(ans, header_edit={"jku": s.base_url + "jwks/oauth?n=%d" % _n[0]})
+    c = dmtest.connect(DB)
+    q(c, *SETTINGS)
+    hook(unique_jku)
+
+    def top():
+        return q1(c, "SELECT total_bytes FROM pg_backend_memory_contexts WHERE name = 'TopMemoryContext'")
+    failures = []
+    for i in range(220):
+        if i == 20:
+            t0 = top()
+        e = authorize(c=c)
+        if e:
+            failures.append(e)
+    t1 = top()
+    tap.eq(failures, [], "200 answers with 200 different jku URLs verify")
+    tap.ok(t1 - t0 <= 8192, "TopMemoryContext grew by %d bytes over 200 new jku URLs (at most 8192)" % (t1 - t0))
+    c.close()
 
 
 @tap.test
