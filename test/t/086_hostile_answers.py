@@ -7,6 +7,7 @@ with the sandbox's listed key, so that the edit reaches the parsing behind the s
   nesting): the answer is malformed (YD010), not 22003 / 54001.
 - Numbers beyond float8 (exp, nbf, expires_on, session expiry): no 22003.
 - The JWKS cache stays bounded when every answer names a new jku on the API's origin.
+- alg / jku / kid of an answer are clipped and cleaned of control characters in messages.
 - TODO (api.c, reported, not fixed here): scrub() loops on a secret that occurs in
   "[redacted]" (e.g. a callback with code=a), and can cut a character in two.
 """
@@ -216,6 +217,35 @@ def jwks_cache_bounded():
     tap.eq(failures, [], "200 answers with 200 different jku URLs verify")
     tap.ok(t1 - t0 <= 8192, "TopMemoryContext grew by %d bytes over 200 new jku URLs (at most 8192)" % (t1 - t0))
     c.close()
+
+
+@tap.test
+def header_values_in_messages():
+    """alg, jku and kid come from the answer: clipped and without control characters in messages."""
+    vfail = "could not verify the digi.me API's answer: "
+    def shown(v):
+        """What digime shows of a value: 100 bytes of whole characters, controls as '?'."""
+        b = v.encode()
+        cut = b[:100].decode("utf-8", "ignore")
+        return "".join("?" if ord(ch) < 0x20 or ord(ch) == 0x7f else ch for ch in cut) + \
+            ("..." if len(cut.encode()) < len(b) else "")
+    keys_at = " is not among the 1 usable keys at %sjwks/oauth." % px.base_url
+    kid1, kid2 = "\x1b[2J\nkid" + "k" * 5000, "\u20ac" * 100
+    alg, jku = "RS512\r\n" + "x" * 500, "https://evil.example/\x07" + "a" * 3000
+    cases = [
+        ("kid", kid1, "the token's kid is not in the JWKS", 'kid "%s"%s' % (shown(kid1), keys_at)),
+        ("kid", kid2, "the token's kid is not in the JWKS", 'kid "%s"%s' % ("\u20ac" * 33 + "...", keys_at)),
+        ("alg", alg, "the token is not signed with PS512", "Header alg is %s." % shown(alg)),
+        ("jku", jku, "the token's jku is not on the API's origin",
+         "jku %s is not on the origin of digime.base_url %s." % (shown(jku), px.base_url)),
+    ]
+    tap.ok(shown(kid1).startswith("?[2J?kid") and len(shown(kid1)) == 103, "self-check of the expected clipping")
+    for name, value, msg, detail in cases:
+        hook(on("oauth/authorize", lambda s, ans, name=name, value=value: s.resign(ans, header_edit={name: value})))
+        before = counts()
+        err = authorize()
+        expect("header %s of %d characters" % (name, len(value)), err, "YD011", vfail + msg, before)
+        tap.eq(err and err[2], detail, "header %s: DETAIL clipped, control characters replaced" % name)
 
 
 @tap.test
