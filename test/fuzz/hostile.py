@@ -1006,7 +1006,7 @@ def wire_mutation(rng, ans, slow):
     elif name == "cl-short":
         k = rng.randrange(len(body) + 1)
         w.add(head_bytes(st, rs, base + [("Content-Length", str(k))]) + body)
-        w.close = rng.random() < 0.5
+        w.close = True          # the rest of the body stays on the connection for the next request
     elif name in ("cl-long-close", "cl-long-hold"):
         w.add(head_bytes(st, rs, base + [("Content-Length", str(len(body) + rng.choice([1, 10, 100000])))]) + body)
         w.close = name == "cl-long-close"
@@ -1140,6 +1140,10 @@ def wire_mutation(rng, ans, slow):
     elif name == "extra-response":
         w.add(head_bytes(st, rs, base + [("Content-Length", str(len(body)))]) + body +
               head_bytes(401, "X", [("Content-Type", "application/json"), ("Content-Length", "2")]) + b"{}")
+        # the client reads the second response as the answer to its next request on this
+        # connection (curl takes a TLS connection with pending bytes for alive); closed, so
+        # that this happens once per connection
+        w.close = True
     elif name == "silence":
         w.hold = True
     return w, "wire." + name

@@ -67,11 +67,14 @@ CALLBACK = "https://cb.example/fuzz/return"
 API_STATES = {"YD000", "YD001", "YD002", "YD003", "YD004", "YD005", "YD006", "YD007", "YD010", "YD011",
               "08001", "08006"}
 CALLBACK_STATES = API_STATES | {"22023", "42501", "YD020", "YD021", "YD022", "YD023"}
+# answers that leave bytes on a kept-alive connection (hostile.py closes it after them)
+DESYNC = {"wire.extra-response", "wire.cl-short"}
 OPS = [("authorize", 22), ("authorize+opt", 20), ("callback", 28), ("refresh", 18), ("reauthorize", 12)]
 
 CRASH_RE = re.compile(r"terminated by signal|was terminated by exception|server process \(PID \d+\) (was terminated|"
                       r"exited with exit code)|PANIC:|TRAP:|terminating any other active server processes|"
-                      r"all server processes terminated")
+                      r"all server processes terminated|background worker \"digime[^\"]*\" \(PID \d+\) "
+                      r"exited with exit code [1-9]")
 LEAK_RE = re.compile(r"WARNING:.*(leak|was not closed|still referenced|not released|still active)")
 
 
@@ -138,6 +141,7 @@ class Fuzzer:
         self.verbose = False
         self.as_limit_mb = 2048
         self.jwks_dirty = False
+        self.desync_dirty = False
 
     # ------------------------------------------------------------------ setup
     def say(self, *a):
@@ -166,31 +170,89 @@ class Fuzzer:
         self.q(self.chk, "SET client_min_messages = error; CREATE EXTENSION digime; RESET client_min_messages")
         self.q(self.chk, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)", (CONTRACT, APP, key))
         self.q(self.chk, "SELECT digime.digime_grant_contract(%s, %s)", (CONTRACT, ROLE))
+        self.postmaster_pid = self._ppid(self.q(self.chk, "SELECT pg_backend_pid()")[0][0])
+        self.limit_memory(self.postmaster_pid)      # inherited by every process forked from now on
+        self.configure_cluster()
         self.conn = self.connect()
         self.conn.notices = collections.deque(maxlen=50)
         self.pid = self.q(self.conn, "SELECT pg_backend_pid()")[0][0]
-        self.limit_memory()
+        self.limit_memory(self.pid)
         self.q(self.conn, "SET digime.base_url = %s; SET digime.onboard_url = %s; SET digime.ca_file = %s; "
                           "SET digime.connect_timeout_ms = 3000; SET statement_timeout = '30s'",
                (self.proxy.base_url, self.proxy.onboard_url, self.ca_file))
         self.log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
-        self.postmaster_pid = self.q(self.chk, "SELECT pid FROM pg_stat_activity WHERE backend_type = "
-                                               "'checkpointer'")  # any auxiliary process: its parent
-        self.postmaster_pid = self._ppid(self.postmaster_pid[0][0]) if self.postmaster_pid else None
         self.browser = ssl.create_default_context(cafile=self.ca_file)
+        self.wait_for_worker()
 
-    def limit_memory(self):
-        """Caps the fuzzed backend's address space, so that a runaway allocation ends in
-        an error (53200) instead of the kernel's OOM killer on a shared machine.  prlimit
-        runs as postgres: lowering a limit of one's own process needs no privilege."""
+    def limit_memory(self, pid):
+        """Caps a server process's address space, so that a runaway allocation ends in an
+        error (53200) instead of the kernel's OOM killer on a shared machine.  Capping the
+        postmaster caps every backend and worker it forks later.  prlimit runs as postgres:
+        lowering a limit of one's own process needs no privilege."""
         import subprocess
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        r = subprocess.run(["runuser", "-u", "postgres", "--", "prlimit", "--pid", str(self.pid),
+        r = subprocess.run(["runuser", "-u", "postgres", "--", "prlimit", "--pid", str(pid),
                             "--as=%d" % (self.as_limit_mb << 20)], cwd="/", env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.as_limited = r.returncode == 0
-        if not self.as_limited:
-            self.say("fuzz: warning: could not limit the backend's address space: %s" % r.stdout.strip())
+        ok = r.returncode == 0
+        self.as_limited = getattr(self, "as_limited", True) and ok
+        if not ok:
+            self.say("fuzz: warning: could not limit the address space of %d: %s" % (pid, r.stdout.strip()))
+
+    # The digime worker performs the token-granting requests (code exchange, refresh) with
+    # the cluster's settings, not the caller's: they point at the proxy for the run.
+    WORKER_SETTINGS = ("base_url", "onboard_url", "ca_file", "jwks_cache_ttl", "timeout_ms",
+                       "connect_timeout_ms", "retry_limit")
+
+    def configure_cluster(self):
+        values = {"base_url": self.proxy.base_url, "onboard_url": self.proxy.onboard_url,
+                  "ca_file": self.ca_file,
+                  # a JWKS poisoned by a mutated answer would stay cached in the worker
+                  "jwks_cache_ttl": "0", "timeout_ms": "3000", "connect_timeout_ms": "3000",
+                  "retry_limit": "0"}
+        for k in self.WORKER_SETTINGS:
+            self.q(self.chk, "ALTER SYSTEM SET digime.%s = %%s" % k, (values[k],))
+        self.q(self.chk, "SELECT pg_reload_conf()")
+        self.configured = True
+
+    def unconfigure_cluster(self):
+        if getattr(self, "configured", False):
+            for k in self.WORKER_SETTINGS:
+                self.q(self.chk, "ALTER SYSTEM RESET digime.%s" % k)
+            self.q(self.chk, "SELECT pg_reload_conf()")
+
+    def worker_pids(self):
+        return [r[0] for r in self.q(self.chk, "SELECT pid FROM pg_stat_activity WHERE backend_type = "
+                                               "'digime worker' AND datname = %s", (self.db,))]
+
+    def wait_for_worker(self):
+        """Until a token exchange (done by the worker) goes through the proxy: the worker has
+        reloaded the settings."""
+        deadline = time.monotonic() + 30
+        while True:
+            self.settings(3600, 0, 5000)
+            self.plan(0, False)
+            try:
+                tid = self.new_token(0, "probe")
+            except Failure:
+                tid = None
+            if tid is not None and any(r["endpoint"] == "oauth/token" for r in self.proxy.take_records()):
+                self.pool.append(tid)
+                break
+            if time.monotonic() > deadline:
+                raise Failure("the digime worker does not use the proxy (digime.base_url reload)")
+            time.sleep(0.5)
+        for pid in self.worker_pids():
+            self.limit_memory(pid)
+
+    def rss_of(self, pid):
+        try:
+            with open("/proc/%d/status" % pid) as f:
+                for line in f:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1])
+        except (OSError, TypeError):
+            return None
 
     @staticmethod
     def _ppid(pid):
@@ -201,6 +263,10 @@ class Fuzzer:
         return None
 
     def close(self):
+        try:
+            self.unconfigure_cluster()
+        except Exception:
+            pass
         for c in ("conn", "chk"):
             try:
                 getattr(self, c).close()
@@ -227,6 +293,11 @@ class Fuzzer:
         except OSError:
             return None
 
+    def worker_rss(self):
+        """(pid, RssAnon kB) of the database's digime worker."""
+        pids = self.worker_pids()
+        return (pids[0], self.rss_of(pids[0])) if pids else (None, None)
+
     def context_bytes(self):
         """(all memory contexts, TopMemoryContext alone) of the fuzzed backend, in bytes: what
         it holds through palloc, exactly (RssAnon also counts libcurl/OpenSSL memory and what
@@ -241,11 +312,11 @@ class Fuzzer:
             SELECT (SELECT count(*) FROM digime.user_tokens),
                    (SELECT coalesce(md5(string_agg(concat_ws(':', id, access_token, refresh_token,
                             access_token_expires_at, refresh_token_expires_at, user_id, consent_id, state,
-                            account_reference, updated_at, refreshed_at), ',' ORDER BY id)), '')
+                            account_reference, refreshed_at), ',' ORDER BY id)), '')
                       FROM digime.user_tokens),
                    (SELECT count(*) FROM digime.authorizations),
-                   (SELECT coalesce(md5(string_agg(concat_ws(':', id, status, token_id, code_verifier IS NULL),
-                            ',' ORDER BY id)), '') FROM digime.authorizations),
+                   (SELECT coalesce(md5(string_agg(concat_ws(':', id, status, token_id, code_verifier IS NULL,
+                            code_hash), ',' ORDER BY id)), '') FROM digime.authorizations),
                    (SELECT coalesce(max(id), 0) FROM digime.authorizations),
                    (SELECT coalesce(max(id), 0) FROM digime.user_tokens)""")[0]
         return {"tokens": r[0], "tokens_md5": r[1], "auths": r[2], "auths_md5": r[3], "max_auth": r[4],
@@ -254,7 +325,7 @@ class Fuzzer:
     def token_rows(self):
         return dict(self.q(self.chk, """
             SELECT id, md5(concat_ws(':', access_token, refresh_token, access_token_expires_at,
-                   refresh_token_expires_at, user_id, consent_id, state, account_reference, updated_at))
+                   refresh_token_expires_at, user_id, consent_id, state, account_reference, refreshed_at))
               FROM digime.user_tokens"""))
 
     def token_json(self, tid):
@@ -656,7 +727,25 @@ class Fuzzer:
                        (CONTRACT, CALLBACK, "fz%d-%d-repair" % (self.seed, call)))
         self.jwks_dirty = False
 
+    def resync(self, call):
+        """An answer followed by more bytes (a second response, a body longer than its
+        Content-Length) leaves them on the kept-alive connection of the backend or the
+        worker; curl reads them as the answer to the next request on it (a finding,
+        reported).  The proxy closes such connections, so one stale answer at most per
+        connection: unmutated authorizations until one goes through both."""
+        for attempt in range(4):
+            self.settings(3600, 0, 5000)
+            self.plan(call, False)
+            try:
+                self.new_token(call, "resync%d" % attempt)
+                break
+            except Failure:
+                self.stats["resync: stale answer consumed"] += 1
+        self.desync_dirty = False
+
     def one_call(self, call):
+        if self.desync_dirty:
+            self.resync(call)
         if self.jwks_dirty:
             self.repair_jwks_cache(call)
         rng = random.Random("%d:%d" % (self.seed, call))
@@ -682,6 +771,8 @@ class Fuzzer:
         for r in recs or []:
             if r["endpoint"] == "jwks" and r["mutations"]:
                 self.jwks_dirty = True
+            if set(r["mutations"]) & DESYNC:
+                self.desync_dirty = True
             self.mutations.update(r["mutations"])
             self.stats["requests"] += 1
             if r["mutations"]:
@@ -708,14 +799,14 @@ class Fuzzer:
                 self.calls_done += 1
                 self.alive()
                 if call == warm_at:
-                    self.mem["warm"] = (call, self.rss_anon_kb(), self.context_bytes())
+                    self.mem["warm"] = (call, self.rss_anon_kb(), self.context_bytes(), self.worker_rss())
                 if i % 250 == 249:
                     bad = self.scan_log()
                     if bad:
                         self.fail(call, "server log: " + " || ".join(bad[:5]))
                 if len(self.failures) >= self.max_failures:
                     break
-            self.mem["end"] = (current, self.rss_anon_kb(), self.context_bytes())
+            self.mem["end"] = (current, self.rss_anon_kb(), self.context_bytes(), self.worker_rss())
         except Failure as f:
             self.fail(current, str(f))
         except Exception:
@@ -759,7 +850,11 @@ class Fuzzer:
             return None
         return {"warm_call": w[0], "warm_kb": w[1], "end_call": e[0], "end_kb": e[1], "growth_kb": e[1] - w[1],
                 "ctx_warm": w[2][0], "ctx_end": e[2][0], "top_warm": w[2][1], "top_end": e[2][1],
-                "ctx_growth": e[2][0] - w[2][0], "top_growth": e[2][1] - w[2][1]}
+                "ctx_growth": e[2][0] - w[2][0], "top_growth": e[2][1] - w[2][1],
+                "worker_pid": e[3][0], "worker_same": w[3][0] == e[3][0], "worker_warm_kb": w[3][1],
+                "worker_end_kb": e[3][1],
+                "worker_growth_kb": (e[3][1] - w[3][1]) if w[3][1] is not None and e[3][1] is not None
+                and w[3][0] == e[3][0] else None}
 
     def report(self):
         say = self.say
@@ -781,6 +876,12 @@ class Fuzzer:
                 m["warm_kb"], m["warm_call"], m["end_kb"], m["end_call"], m["growth_kb"]))
             say("fuzz: backend memory contexts %d -> %d bytes (%+d), TopMemoryContext %d -> %d bytes (%+d)" % (
                 m["ctx_warm"], m["ctx_end"], m["ctx_growth"], m["top_warm"], m["top_end"], m["top_growth"]))
+            if m["worker_growth_kb"] is not None:
+                say("fuzz: digime worker (pid %d) RssAnon %d kB -> %d kB: %+d kB" % (
+                    m["worker_pid"], m["worker_warm_kb"], m["worker_end_kb"], m["worker_growth_kb"]))
+            else:
+                say("fuzz: digime worker RssAnon not comparable (pid %s at warm-up, %s at the end)" % (
+                    self.mem["warm"][3][0], m["worker_pid"]))
         for kid, desc, _ in KNOWN_ISSUES:
             if self.known[kid]:
                 say("KNOWN %s (reported, not fixed here) in %d call(s), first %d: %s" % (

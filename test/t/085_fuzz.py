@@ -4,7 +4,8 @@ and mutates the answers; the driver mixes digime_authorize_url (with and without
 the callback flow, digime_refresh_token and digime_reauthorize_url, and checks after every
 call: no crash, no SQLSTATE of class XX or 58 (nor one outside the documented set), nothing
 written for a rejected answer, accepted answers stored as sent; at the end the server log
-and the backend's memory (contexts and RssAnon after warm-up vs at the end).
+and memory after warm-up vs at the end: the backend's (contexts and RssAnon) and that of the
+digime worker, which performs the code exchanges and refreshes (RssAnon).
 
 It runs on a sandbox and a cluster of its own (the fuzz issues thousands of secrets; the main
 sandbox's list is what 090_log_hygiene scans), with glibc's mmap threshold fixed so that
@@ -101,7 +102,12 @@ def fuzz_slice():
     tap.ok(m is not None and m["growth_kb"] <= RSS_MARGIN_KB,
            "RssAnon flat: %d kB -> %d kB (%+d kB, at most %d)" % (m["warm_kb"], m["end_kb"], m["growth_kb"],
                                                                   RSS_MARGIN_KB) if m else "RssAnon measured")
-    tap.ok(fz.as_limited, "the fuzzed backend's address space was capped (a runaway ends in 53200)")
+    if m and m["worker_growth_kb"] is not None:
+        tap.ok(m["worker_growth_kb"] <= RSS_MARGIN_KB, "digime worker RssAnon flat: %d kB -> %d kB (%+d kB, at most %d)"
+               % (m["worker_warm_kb"], m["worker_end_kb"], m["worker_growth_kb"], RSS_MARGIN_KB))
+    else:
+        tap.ok(False, "digime worker RssAnon measured (the same worker process at warm-up and at the end)")
+    tap.ok(fz.as_limited, "the server's address space was capped (a runaway allocation ends in 53200)")
     for kid, desc, _ in fuzz.KNOWN_ISSUES:
         tap.n += 1
         hits = fz.known[kid]
