@@ -1,6 +1,7 @@
 """080_bad_arguments: bad arguments for every SQL function of the extension.
 
-For each function (digime--1.0.sql; README "Functions"), generated bad values per argument:
+For each function and procedure (digime--1.0.sql, digime--1.0--1.1.sql; README "Functions"),
+generated bad values per argument:
 NULL where a value is required, empty strings, over-long strings (> 16384 bytes), control
 characters, wrong JSON shapes and types for the jsonb arguments, deep nesting, huge numbers,
 negative/zero/nonexistent ids, malformed callback URLs (bad percent-encoding, repeated
@@ -59,6 +60,8 @@ def state_digest():
                        ',' ORDER BY id), '')) FROM digime.user_tokens),
                (SELECT md5(coalesce(string_agg(concat_ws(':', id, status, code_verifier), ',' ORDER BY id), ''))
                   FROM digime.authorizations),
+               (SELECT md5(coalesce(string_agg(concat_ws(':', id, status, callback_url), ',' ORDER BY id), ''))
+                  FROM digime.callback_inbox),
                (SELECT string_agg(relname || coalesce(relacl::text, ''), ';' ORDER BY relname)
                   FROM pg_class WHERE relnamespace = 'digime'::regnamespace),
                (SELECT string_agg(proname || coalesce(proacl::text, ''), ';' ORDER BY proname)
@@ -303,11 +306,42 @@ for label, v in [
         ("deep nesting", '{"accessToken": %s}' % deep(DEEP))]:
     case("user_access_token: %s" % label, F, "%s, %s", (C, v), "22023")
 
+# ------------------------------------------------------------------ 1.1
+F = "digime_submit_callback"
+text_cases(F, lambda v: ("%s", (v,)), "callback_url", role="app")
+for label, url in [("no query", CB), ("no success", CB + "?state=s&code=c"),
+                   ("no code", CB + "?success=true&state=s"), ("repeated state", CB + "?success=true&state=a&state=b&code=c"),
+                   ("bad percent-encoding", CB + "?success=true&state=s&code=%zz"),
+                   ("percent-encoded NUL", CB + "?success=true&state=s&code=a%00"),
+                   ("success maybe", CB + "?success=maybe&state=s&code=c"),
+                   ("URL that does not parse", "https://[cb/?success=true&state=s&code=c")]:
+    case("callback_url: %s" % label, F, "%s", (url,), "22023", "app")
+
+F = "digime_valid_access_token"
+case("token_id NULL", F, "%s", (None,), "22004", "app")
+case("min_validity NULL", F, "%s, %s", (APP_TOKEN, None), "22004", "app")
+for v in ("-1 second", "3651 days", "1000 years", "-178000000 years", "178000000 years", "-1 month -1 day"):
+    case("min_validity %r" % v, F, "%s, %s::interval", (APP_TOKEN, v), "22023", "app")
+for role, unknown in (("admin", "42704"), ("app", "42501")):
+    for v in (0, -1, -9223372036854775808, MISSING):
+        case("token_id %d" % v, F, "%s", (v,), unknown, role)
+case("another role's token", F, "%s", (ADMIN_TOKEN,), "42501", "app")
+
+PROCEDURES = {"digime_refresh_expiring", "digime_process_inbox", "digime_purge"}
+F = "digime_refresh_expiring"
+case("within NULL", F, "within => %s", (None,), "22004")
+for v in ("-1 minute", "3651 days", "-178000000 years"):
+    case("within %r" % v, F, "within => %s::interval", (v,), "22023")
+for v in (None, 0, -1, 1001, 2147483647, -2147483648):
+    case("concurrency %r" % (v,), F, "concurrency => %s", (v,), "22023")
+for v in (-1, -2147483648):
+    case("max_tokens %d" % v, F, "max_tokens => %s", (v,), "22023")
+
 # administration functions are not granted to a flow role
 for F, args, params in [("digime_add_contract", p(3), ("x", "y", KEY)), ("digime_drop_contract", "%s", (C,)),
                         ("digime_rotate_contract_key", p(2), (C, KEY)), ("digime_revoke_token", "%s", (APP_TOKEN,)),
                         ("digime_grant_contract", "%s, %s::regrole", (C, APP_ROLE)),
-                        ("digime_reencrypt_secrets", "", ())]:
+                        ("digime_reencrypt_secrets", "", ()), ("digime_purge", "", ())]:
     case("%s by a flow role" % F, F, args, params, "42501", "app")
 
 
@@ -323,7 +357,7 @@ def every_bad_argument():
         what = "%s(%s) as %s" % (fn, label, role)
         got, result = None, None
         try:
-            rows = q(conn, "SELECT digime.%s(%s)" % (fn, args), params)
+            rows = q(conn, "%s digime.%s(%s)" % ("CALL" if fn in PROCEDURES else "SELECT", fn, args), params)
             result = rows[0][0] if rows else None
         except Exception as e:
             got = getattr(e, "pgcode", None) or type(e).__name__
