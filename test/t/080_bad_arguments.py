@@ -391,4 +391,33 @@ def every_bad_argument():
            "both sessions are still connected")
 
 
+@tap.test
+def callback_values_in_messages():
+    """errorCode and success come from the browser: repeated in messages (and stored in the
+    callback inbox) cut at whole characters, without control characters."""
+    e = dmtest.error(app, "SELECT digime.digime_handle_callback(%s)", (CB + "?success=false&errorCode=%1b%5b2J%0aX",))
+    tap.eq(e and e[:3], ("YD020", "digi.me authorization failed: ?[2J?X",
+                         'The callback reported success=false, errorCode "?[2J?X".'),
+           "errorCode with an escape sequence and a newline: shown with '?'")
+    e = dmtest.error(app, "SELECT digime.digime_handle_callback(%s)", (CB + "?success=%1b%5b2J&state=s&code=c",))
+    tap.eq(e and e[:2], ("22023", 'callback URL has success="?[2J"; "true" or "false" expected'),
+           "success with an escape sequence: shown with '?'")
+    euro = "%E2%82%AC" * 342                  # 1026 bytes: a cut at 1024 bytes splits a character
+    e = dmtest.error(app, "SELECT digime.digime_handle_callback(%s)", (CB + "?success=false&errorCode=" + euro,))
+    tap.eq(e and e[:2], ("YD020", "digi.me authorization failed: " + "\u20ac" * 341),
+           "errorCode of 1026 bytes: cut to 341 whole characters")
+    iid = q1(app, "SELECT digime.digime_submit_callback(%s)", (CB + "?success=false&state=t080-inbox&errorCode=" +
+                                                             euro + "%0a%1b",))
+    q(app, "CALL digime.digime_process_inbox()")
+    try:
+        row = q(admin, "SELECT status, message FROM digime.callback_inbox WHERE id = %s", (iid,))
+        msg = row[0][1] if row else None
+        tap.ok(row and row[0][0] == "failed" and msg is not None and "\ufffd" not in msg and
+               not any(ord(ch) < 0x20 for ch in msg), "the inbox row's message is valid text without control "
+               "characters", row)
+    except UnicodeDecodeError as ex:
+        tap.ok(False, "the inbox row's message is valid UTF-8", ex)
+    q(admin, "DELETE FROM digime.callback_inbox WHERE id = %s", (iid,))
+
+
 tap.run()
