@@ -485,6 +485,7 @@ class Answer:
         self.names = []               # mutations applied
         self.token_payload = None     # the token payload sent (python, or None)
         self.location = None          # the Location sent (onboarding)
+        self.force_wire = None        # a hook may name a wire mutation (without "wire.")
 
     def header(self, name):
         for k, v in self.headers:
@@ -962,7 +963,8 @@ GZIP_BOMB = None
 # wire mutations after which a client that reads the answer at all reads exactly its body
 EXACT_WIRE = {"wire.no-cl-close", "wire.chunked", "wire.drip", "wire.huge-header", "wire.many-headers",
               "wire.gzip", "wire.http10", "wire.extra-response", "wire.1xx-first", "wire.close-now",
-              "wire.close-early", "wire.silence", "wire.cl-long-hold", "wire.drip-slow"}
+              "wire.close-early", "wire.silence", "wire.cl-long-hold", "wire.drip-slow", "wire.extra-copy",
+              "wire.extra-late"}
 
 
 def gzip_bomb():
@@ -985,8 +987,8 @@ def plain_wire(ans):
     return w
 
 
-def wire_mutation(rng, ans, slow):
-    """A hostile wire plan for the answer; returns (Wire, name)."""
+def wire_mutation(rng, ans, slow, name=None):
+    """A hostile wire plan for the answer (the named one, or a random one); returns (Wire, name)."""
     body = ans.body
     base = [(k, v) for k, v in ans.headers if _b(k).lower() not in (b"content-length", b"connection",
                                                                    b"transfer-encoding")]
@@ -995,10 +997,10 @@ def wire_mutation(rng, ans, slow):
     choices = ["truncate-close", "cl-short", "cl-long-close", "no-cl-close", "chunked", "chunked-bad",
                "chunked-and-cl", "cl-garbage", "cl-dup", "drip", "huge-header", "many-headers", "huge-body",
                "gzip", "gzip-bomb", "encoding-bad", "status-line", "header-garbage", "close-now", "close-early",
-               "bitflip", "1xx-first", "http10", "extra-response"]
+               "bitflip", "1xx-first", "http10", "extra-response", "extra-copy", "extra-late"]
     if slow:
         choices += ["cl-long-hold", "drip-slow", "silence"]
-    name = rng.choice(choices)
+    name = name or rng.choice(choices)
     if name == "truncate-close":
         k = rng.randrange(len(body) + 1)
         w.add(head_bytes(st, rs, base + [("Content-Length", str(len(body)))]) + body[:k])
@@ -1144,6 +1146,21 @@ def wire_mutation(rng, ans, slow):
         # connection (curl takes a TLS connection with pending bytes for alive); closed, so
         # that this happens once per connection
         w.close = True
+    elif name in ("extra-late", "extra-late-keep"):
+        # a copy of the answer a little later, in a TLS record of its own: the client has
+        # finished reading the answer by then and cannot see it as excess of that read.
+        # extra-late-keep (never chosen at random) keeps the connection open.
+        one = head_bytes(st, rs, base + [("Content-Length", str(len(body)))]) + body
+        w.add(one)
+        w.add(one, 0.05)
+        w.close = name == "extra-late"
+    elif name in ("extra-copy", "extra-copy-keep"):
+        # the same answer twice: the copy is a valid answer to the next request on the
+        # connection.  extra-copy-keep (never chosen at random) keeps the connection open, so
+        # that every later answer on it is one request late.
+        one = head_bytes(st, rs, base + [("Content-Length", str(len(body)))]) + body
+        w.add(one + one)
+        w.close = name == "extra-copy"
     elif name == "silence":
         w.hold = True
     return w, "wire." + name
@@ -1190,7 +1207,12 @@ class Handler(BaseHTTPRequestHandler):
         exact = True
         if plan.hook is not None:
             plan.hook(s, endpoint, ans, idx)
-            wire = plain_wire(ans)
+            if ans.force_wire:
+                wire, n = wire_mutation(rng, ans, True, ans.force_wire)
+                ans.names.append(n)
+                exact = n in EXACT_WIRE
+            else:
+                wire = plain_wire(ans)
         elif plan.mutate and rng.random() < plan.rate:
             do_wire = rng.random() < plan.wire_rate
             if not do_wire or rng.random() < 0.3:
