@@ -15,7 +15,6 @@ DM_FUZZ_SEED / DM_FUZZ_CALLS override the seed and the number of calls.
 import io
 import os
 import re
-import subprocess
 import sys
 import time
 
@@ -33,23 +32,9 @@ tap = dmtest.Tap()
 work = os.path.join(dmtest.WORK, "t085")
 
 
-def start_sandbox():
-    d = os.path.join(work, "sandbox")
-    os.makedirs(work, exist_ok=True)
-    os.chmod(work, 0o755)
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    fix = os.path.join(dmtest.ROOT, "test", "fixtures")
-    p = subprocess.Popen([sys.executable, os.path.join(dmtest.ROOT, "test", "sandbox", "sandbox.py"), "--dir", d,
-                          "--contract", "%s:%s:%s" % (dmtest.EXAMPLE_APP, dmtest.EXAMPLE_CONTRACT,
-                                                      os.path.join(fix, "digime-example", "read-data.key"))],
-                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, text=True)
-    info = fuzz.json.loads(p.stdout.readline())
-    return p, d, "https://127.0.0.1:%d" % info["port"]
-
-
 @tap.test
 def fuzz_slice():
-    sandbox, sandbox_dir, sandbox_url = start_sandbox()
+    sandbox, sandbox_dir, sandbox_url = fuzz.start_sandbox(os.path.join(work, "sandbox"))
     cluster = dmtest.Cluster("t085")
     try:
         cluster.init()

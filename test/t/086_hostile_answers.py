@@ -21,13 +21,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pylib"))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "fuzz"))
 import dmtest  # noqa: E402
 import hostile  # noqa: E402
+import run as fuzz  # noqa: E402
 from dmtest import error, q, q1  # noqa: E402
 from hostile import Raw  # noqa: E402
 
 tap = dmtest.Tap()
+# A sandbox of its own: the vectors make it deliver tokens that digime rightly rejects, which
+# 088_every_token_stored would otherwise look for.
+SANDBOX, SANDBOX_DIR, SANDBOX_URL = fuzz.start_sandbox(os.path.join(dmtest.WORK, "t086", "sandbox"))
+os.environ.update(DM_SANDBOX_URL=SANDBOX_URL, DM_CA_FILE=os.path.join(SANDBOX_DIR, "ca.pem"))
 sb = dmtest.Sandbox()
-sb.reset()
-px = hostile.HostileServer(os.environ["DM_SANDBOX_URL"], os.path.dirname(os.environ["DM_CA_FILE"])).start()
+px = hostile.HostileServer(SANDBOX_URL, SANDBOX_DIR).start()
 
 # A cluster of its own: the digime worker, which performs code exchanges and refreshes, uses
 # the cluster's settings, so they point at the proxy.  Its postmaster's address space is
@@ -355,3 +359,5 @@ try:
 finally:
     cluster.stop()
     px.stop()
+    SANDBOX.terminate()
+    SANDBOX.wait()

@@ -1,4 +1,4 @@
-"""080_bad_arguments: bad arguments for every SQL function of the extension.
+"""081_bad_arguments: bad arguments for every SQL function of the extension.
 
 For each function and procedure (digime--1.0.sql, digime--1.0--1.1.sql; README "Functions"),
 generated bad values per argument:
