@@ -131,8 +131,8 @@ KNOWN_ISSUES = [
            "the API's error text at 500 bytes (inside a UTF-8 character) and lets bytes >= 0x80 of "
            "X-Error-* headers through; malformed() repeats the Content-Type raw (control characters, "
            "invalid UTF-8, any length)",
-     re.compile(r"error text (is not valid UTF-8|has control characters) .*'(digi\.me API error|"
-                r"digi\.me API answered)")),
+     re.compile(r"error text (is not valid UTF-8|has control characters) \(SQLSTATE \w+\): ['\"]"
+                r"(digi\.me API error|digi\.me API answered)")),
 ]
 
 
