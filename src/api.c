@@ -172,31 +172,35 @@ agent_body(JsonbContainer *actions)
 #define MAX_API_TEXT 500
 
 /*
- * The API's text made safe to repeat: the call's secrets replaced, control
- * characters (newlines, terminal escapes) turned into '?', cut to length.
+ * The API's text made safe to repeat: every occurrence of the call's secrets
+ * replaced (one pass per secret, never searching what it put in), then
+ * dm_shown.
  */
 static char *
 scrub(const SignedCall *sc, const char *s)
 {
-	char	   *out;
-
 	if (s == NULL)
 		return NULL;
-	out = pnstrdup(s, MAX_API_TEXT);
-	for (unsigned char *c = (unsigned char *) out; *c; c++)
-		if (*c < 0x20 || *c == 0x7f)
-			*c = '?';
 	for (int i = 0; i < lengthof(sc->secrets) && sc->secrets[i] != NULL; i++)
 	{
 		const char *secret = sc->secrets[i];
-		char	   *hit;
+		size_t		slen = strlen(secret);
+		StringInfoData out;
+		const char *hit;
 
-		if (secret[0] == '\0')
+		if (slen == 0 || strstr(s, secret) == NULL)
 			continue;
-		while ((hit = strstr(out, secret)) != NULL)
-			out = psprintf("%.*s[redacted]%s", (int) (hit - out), out, hit + strlen(secret));
+		initStringInfo(&out);
+		while ((hit = strstr(s, secret)) != NULL)
+		{
+			appendBinaryStringInfo(&out, s, hit - s);
+			appendStringInfoString(&out, "[redacted]");
+			s = hit + slen;
+		}
+		appendStringInfoString(&out, s);
+		s = out.data;
 	}
-	return out;
+	return dm_shown(s, MAX_API_TEXT);
 }
 
 static int
@@ -254,7 +258,7 @@ malformed(const SignedCall *sc, const DmHttpResponse *resp, const char *what)
 			 errmsg("digi.me API answered %s %s", sc->path, what),
 			 errdetail_internal("HTTP status %ld, Content-Type %s, %d bytes.",
 								resp->status,
-								resp->content_type ? resp->content_type : "none",
+								resp->content_type ? dm_shown(resp->content_type, 100) : "none",
 								resp->body.len)));
 }
 
@@ -307,7 +311,8 @@ read_answer(SignedCall *sc, DmHttpResponse *r, DmApiError *err)
 		malformed(sc, &resp, psprintf("HTTP status %ld without an error code", resp.status));
 	if (e.message == NULL)
 		e.message = "no message";
-	e.code = scrub(sc, e.code);
+	if (api_sqlstate(e.code) == ERRCODE_DIGIME_API_ERROR)	/* a known code stays as it is */
+		e.code = scrub(sc, e.code);
 	e.message = scrub(sc, e.message);
 	e.reference = scrub(sc, e.reference);
 	if (err == NULL)

@@ -211,6 +211,7 @@ claim_refresh(DmGrant *g)
 		return DM_CLAIM_BUSY;
 	}
 	g->token_owner = t.owner_role;
+	g->user_id = keep(g, t.user_id);
 	keep_contract(g, t.contract_id);
 	g->secret = keep(g, t.refresh_token);
 	dm_secret_free(t.access_token);
@@ -276,6 +277,18 @@ dm_grant_answer(DmGrant *g, DmApiCall *call, DmHttpResponse *resp)
 								  "see digime_reauthorize_url(" INT64_FORMAT ", callback).",
 								  g->token_id, g->token_id));
 		dm_api_raise(&err, NULL);
+	}
+	if (g->kind == DM_GRANT_REFRESH && g->user_id != NULL && t.user_id != NULL &&
+		strcmp(g->user_id, t.user_id) != 0)
+	{
+		/* an answer to another request (the transport's last line of defence) */
+		dm_secret_free(t.access_token);
+		dm_secret_free(t.refresh_token);
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
+				 errmsg("digi.me API answered the refresh of user access token " INT64_FORMAT
+						" with a token of another user", g->token_id),
+				 errdetail("The answer's sub is not the token's user id; nothing was stored.")));
 	}
 	old = MemoryContextSwitchTo(g->cxt);
 	g->token.access_token = pstrdup(t.access_token);

@@ -52,6 +52,7 @@ typedef struct DmGrant
 	char	   *secret;			/* code_verifier or refresh token */
 	int64		lock_key;		/* advisory lock held, 0 when none */
 	Oid			token_owner;	/* refresh: the token's owner_role */
+	char	   *user_id;		/* refresh: the token's user (sub), or NULL */
 
 	/* outcome */
 	long		http_status;	/* of the last answer, 0 when none */

@@ -46,11 +46,111 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #define DM_MAX_RESPONSE_BYTES	(1024 * 1024)
 #define DM_POLL_MS				100
 #define DM_BACKOFF_BASE_MS		500
 #define DM_BACKOFF_CAP_MS		8000
 #define DM_RETRY_AFTER_CAP_MS	10000
+
+/* ---------------------------------------------------------------------
+ * Reused connections
+ *
+ * A server that sends bytes after an answer (a copy of it, in a TLS record
+ * of its own) leaves them on the kept-alive connection; libcurl 7.88 takes
+ * such a connection for alive, and the next request on it would read them
+ * as its answer, so every later answer would be one request late.  So
+ * before a request goes out on a reused connection, prereq_cb refuses the
+ * connection if its socket is readable (unread bytes, or closed by the
+ * server): nothing has been sent, libcurl closes the connection, and the
+ * attempt runs again at once on another one.  libcurl's sockets are known
+ * from CURLOPT_SOCKOPTFUNCTION and CURLOPT_CLOSESOCKETFUNCTION.
+ * ---------------------------------------------------------------------
+ */
+
+/* Refusals per request before it fails as a network error. */
+#define DM_MAX_STALE			8
+#define DM_MAX_SOCKETS			256
+
+static curl_socket_t open_sockets[DM_MAX_SOCKETS];
+static int	n_open_sockets = 0;
+
+static int
+sockopt_cb(void *clientp, curl_socket_t fd, curlsocktype purpose)
+{
+	if (n_open_sockets < DM_MAX_SOCKETS)	/* beyond: not checked */
+		open_sockets[n_open_sockets++] = fd;
+	return CURL_SOCKOPT_OK;
+}
+
+static int
+closesocket_cb(void *clientp, curl_socket_t fd)
+{
+	for (int i = 0; i < n_open_sockets; i++)
+		if (open_sockets[i] == fd)
+		{
+			open_sockets[i] = open_sockets[--n_open_sockets];
+			break;
+		}
+	return close(fd);
+}
+
+static int
+port_of(const struct sockaddr_storage *ss)
+{
+	if (ss->ss_family == AF_INET)
+		return ntohs(((const struct sockaddr_in *) ss)->sin_port);
+	if (ss->ss_family == AF_INET6)
+		return ntohs(((const struct sockaddr_in6 *) ss)->sin6_port);
+	return -1;
+}
+
+/* The socket of the connection with these ports, or CURL_SOCKET_BAD. */
+static curl_socket_t
+socket_of(int local_port, int peer_port)
+{
+	for (int i = 0; i < n_open_sockets; i++)
+	{
+		struct sockaddr_storage local,
+					peer;
+		socklen_t	llen = sizeof(local),
+					plen = sizeof(peer);
+
+		if (getsockname(open_sockets[i], (struct sockaddr *) &local, &llen) == 0 &&
+			port_of(&local) == local_port &&
+			getpeername(open_sockets[i], (struct sockaddr *) &peer, &plen) == 0 &&
+			port_of(&peer) == peer_port)
+			return open_sockets[i];
+	}
+	return CURL_SOCKET_BAD;
+}
+
+static int
+prereq_cb(void *clientp, char *peer_ip, char *local_ip, int peer_port, int local_port)
+{
+	DmAttempt  *a = (DmAttempt *) clientp;
+	long		new_connections = 0;
+	curl_socket_t fd;
+	struct pollfd pfd;
+
+	if (curl_easy_getinfo(a->easy, CURLINFO_NUM_CONNECTS, &new_connections) != CURLE_OK ||
+		new_connections > 0)
+		return CURL_PREREQFUNC_OK;	/* a new connection */
+	fd = socket_of(local_port, peer_port);
+	if (fd == CURL_SOCKET_BAD)
+		return CURL_PREREQFUNC_OK;
+	pfd.fd = fd;
+	pfd.events = POLLIN;
+	pfd.revents = 0;
+	if (poll(&pfd, 1, 0) == 0)
+		return CURL_PREREQFUNC_OK;
+	a->stale = true;
+	return CURL_PREREQFUNC_ABORT;
+}
 
 /* ---------------------------------------------------------------------
  * One attempt
@@ -119,7 +219,9 @@ dm_attempt_setup(CURL *easy, DmAttempt *a, DmHttpBuild build, void *arg, int att
 	bool		ok = true;
 	bool		post;
 
+	a->easy = easy;
 	a->too_large = false;
+	a->stale = false;
 	a->result = XFER_ABORTED;
 	a->request_sent = false;
 	a->errbuf[0] = '\0';
@@ -168,6 +270,10 @@ dm_attempt_setup(CURL *easy, DmAttempt *a, DmHttpBuild build, void *arg, int att
 	SETOPT(CURLOPT_NOPROGRESS, 0L);
 	SETOPT(CURLOPT_XFERINFOFUNCTION, xferinfo_cb);
 	SETOPT(CURLOPT_ERRORBUFFER, a->errbuf);
+	SETOPT(CURLOPT_SOCKOPTFUNCTION, sockopt_cb);
+	SETOPT(CURLOPT_CLOSESOCKETFUNCTION, closesocket_cb);
+	SETOPT(CURLOPT_PREREQFUNCTION, prereq_cb);
+	SETOPT(CURLOPT_PREREQDATA, a);
 	if (post)
 	{
 		SETOPT(CURLOPT_POST, 1L);
@@ -217,7 +323,7 @@ classify(CURLcode rc, const DmAttempt *a)
 		case CURLE_SSL_CACERT_BADFILE:
 			return XFER_CA_FILE;
 		case CURLE_ABORTED_BY_CALLBACK:
-			return XFER_ABORTED;
+			return a->stale ? XFER_STALE : XFER_ABORTED;
 		case CURLE_FILESIZE_EXCEEDED:
 			return XFER_TOO_LARGE;
 		case CURLE_WRITE_ERROR:
@@ -235,6 +341,11 @@ dm_attempt_finish(CURL *easy, CURLcode rc, DmAttempt *a, DmHttpResponse *resp)
 	if (a->errbuf[0] == '\0')
 		strlcpy(a->errbuf, curl_easy_strerror(rc), sizeof(a->errbuf));
 	a->result = classify(rc, a);
+	if (a->result == XFER_STALE)
+	{
+		a->stale_count++;
+		strlcpy(a->errbuf, "a kept-alive connection had unread bytes", sizeof(a->errbuf));
+	}
 	if (curl_easy_getinfo(easy, CURLINFO_REQUEST_SIZE, &sent) != CURLE_OK)
 		sent = 1;				/* unknown: assume it was sent */
 	a->request_sent = sent > 0;
@@ -312,6 +423,7 @@ retryable_failure(const DmAttempt *a, DmRetryPolicy policy)
 			return true;
 		case XFER_TIMEOUT:
 		case XFER_NETWORK:
+		case XFER_STALE:
 			return !a->request_sent || policy == DM_RETRY_IDEMPOTENT;
 		default:
 			return false;
@@ -324,6 +436,8 @@ dm_attempt_next(const DmAttempt *a, const DmHttpResponse *resp, int attempt,
 {
 	bool		last = attempt >= dm_retry_limit;
 
+	if (a->result == XFER_STALE && a->stale_count <= DM_MAX_STALE)
+		return DM_NEXT_AGAIN;
 	if (a->result == XFER_OK)
 	{
 		long		delay;
@@ -519,7 +633,7 @@ dm_http_request(DmHttpBuild build, void *arg, DmRetryPolicy policy, DmHttpRespon
 
 	memset(&a, 0, sizeof(a));
 	a.body = makeStringInfo();
-	for (int attempt = 0;; attempt++)
+	for (int attempt = 0;;)
 	{
 		long		delay = 0;
 		DmNext		next;
@@ -536,7 +650,10 @@ dm_http_request(DmHttpBuild build, void *arg, DmRetryPolicy policy, DmHttpRespon
 		}
 		if (next == DM_NEXT_FAIL)
 			dm_attempt_raise(&a, attempt + 1);
+		if (next == DM_NEXT_AGAIN)
+			continue;
 		sleep_interruptible(delay);
+		attempt++;
 	}
 }
 
@@ -554,6 +671,8 @@ dm_http_try_get(const char *url, DmHttpResponse *resp)
 
 	memset(&a, 0, sizeof(a));
 	a.body = makeStringInfo();
-	perform_once(&a, build_get, (void *) url, 0, resp);
+	do
+		perform_once(&a, build_get, (void *) url, 0, resp);
+	while (a.result == XFER_STALE && a.stale_count <= DM_MAX_STALE);
 	return a.result == XFER_OK;
 }

@@ -28,18 +28,22 @@ typedef enum XferResult
 	XFER_TIMEOUT,
 	XFER_NETWORK,				/* connection failed after connecting */
 	XFER_TOO_LARGE,
-	XFER_ABORTED
+	XFER_ABORTED,
+	XFER_STALE					/* kept-alive connection had unread bytes; nothing sent */
 } XferResult;
 
 /* One attempt of a request on one easy handle. */
 typedef struct DmAttempt
 {
 	DmHttpRequest req;			/* as built for this attempt */
+	CURL	   *easy;			/* the handle it runs on */
 	struct curl_slist *headers;
 	StringInfo	body;			/* the answer being received */
 	bool		too_large;
 	XferResult	result;
 	bool		request_sent;
+	bool		stale;			/* refused a reused connection (see prereq_cb) */
+	int			stale_count;	/* of this request, over all its attempts */
 	char		errbuf[CURL_ERROR_SIZE];
 } DmAttempt;
 
@@ -48,6 +52,8 @@ typedef enum DmNext
 {
 	DM_NEXT_DONE,				/* an answer to return */
 	DM_NEXT_RETRY,				/* try again after *delay_ms */
+	DM_NEXT_AGAIN,				/* the same attempt again at once, on another
+								 * connection (XFER_STALE) */
 	DM_NEXT_FAIL				/* raise the attempt's transport error */
 } DmNext;
 

@@ -247,11 +247,12 @@ attempt_ended(DmHttpXfer *x, CURLcode rc)
 	detach_easy(x);
 	next = dm_attempt_next(&x->a, &x->resp, x->attempt, x->policy, &delay);
 	MemoryContextSwitchTo(old);
-	if (next == DM_NEXT_RETRY)
+	if (next == DM_NEXT_RETRY || next == DM_NEXT_AGAIN)
 	{
 		x->state = XS_WAITING;
 		x->retry_at = TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay);
-		x->attempt++;
+		if (next == DM_NEXT_RETRY)
+			x->attempt++;
 		dlist_push_tail(&waiting, &x->node);
 	}
 	else

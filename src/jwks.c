@@ -12,8 +12,9 @@
  *	- exp and nbf are enforced when present.
  *
  * Fetched key sets are cached per backend, keyed by URL, for
- * digime.jwks_cache_ttl seconds; an unknown kid triggers one refetch per
- * call.  At most DM_JWKS_CACHE_MAX URLs are kept: each answer names its jku,
+ * digime.jwks_cache_ttl seconds; an unknown kid, or a signature that does
+ * not verify with a cached key (a key replaced under its kid), triggers one
+ * refetch per call.  At most DM_JWKS_CACHE_MAX URLs are kept: each answer names its jku,
  * and answers naming ever new URLs on the API's origin must not grow the
  * backend without bound.  Before a call that consumes a one-time code, the set at
  * {base}jwks/oauth is prefetched so that a JWKS outage does not lose
@@ -57,29 +58,6 @@ static List *jwks_cache = NIL;	/* of JwksEntry *, in TopMemoryContext */
 
 /* Longest piece of an answer's header value (alg, jku, kid) repeated in a message. */
 #define DM_SHOWN_MAX 100
-
-/*
- * A header value of the answer made safe to repeat, as api.c does with the
- * API's error texts: control characters (newlines, terminal escapes) turned
- * into '?', cut to DM_SHOWN_MAX bytes of whole characters, "..." when cut.
- * The value comes from parsed JSON, so it is valid in the database encoding.
- */
-static char *
-shown(const char *s)
-{
-	int			len = strlen(s);
-	int			cut = pg_mbcliplen(s, len, DM_SHOWN_MAX);
-	char	   *out = palloc(cut + 4);
-
-	memcpy(out, s, cut);
-	out[cut] = '\0';
-	for (unsigned char *c = (unsigned char *) out; *c; c++)
-		if (*c < 0x20 || *c == 0x7f)
-			*c = '?';
-	if (cut < len)
-		strcat(out, "...");
-	return out;
-}
 
 static JwksEntry *
 cache_lookup(const char *url)
@@ -229,13 +207,14 @@ fetch(const char *url)
 		ereport(ERROR,
 				(errcode(ERRCODE_DIGIME_VERIFICATION_FAILED),
 				 errmsg("could not fetch the digi.me JWKS"),
-				 errdetail_internal("GET %s answered HTTP status %ld.", shown(url), resp.status)));
+				 errdetail_internal("GET %s answered HTTP status %ld.",
+									dm_shown(url, DM_SHOWN_MAX), resp.status)));
 	keys = jwks_keys(&resp);
 	if (keys == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
 				 errmsg("digi.me JWKS is not a JSON object with a \"keys\" array"),
-				 errdetail_internal("GET %s", shown(url))));
+				 errdetail_internal("GET %s", dm_shown(url, DM_SHOWN_MAX))));
 	return cache_store(url, keys);
 }
 
@@ -285,6 +264,7 @@ dm_verify_response_token(const char *token, DmVerifyState *state)
 	double		t;
 	double		now;
 	bool		fetched = false;
+	bool		verified;
 
 	if (!dm_jws_parse(token, &jws))
 		ereport(ERROR,
@@ -294,7 +274,8 @@ dm_verify_response_token(const char *token, DmVerifyState *state)
 	alg = dm_json_get_string(&jws.header->root, "alg");
 	if (alg == NULL || strcmp(alg, "PS512") != 0)
 		verification_failed("the token is not signed with PS512",
-							psprintf("Header alg is %s.", alg ? shown(alg) : "missing"));
+							psprintf("Header alg is %s.",
+									 alg ? dm_shown(alg, DM_SHOWN_MAX) : "missing"));
 	jku = dm_json_get_string(&jws.header->root, "jku");
 	kid = dm_json_get_string(&jws.header->root, "kid");
 	if (jku == NULL || kid == NULL)
@@ -302,7 +283,7 @@ dm_verify_response_token(const char *token, DmVerifyState *state)
 	if (!dm_url_same_origin(jku, dm_base_url))
 		verification_failed("the token's jku is not on the API's origin",
 							psprintf("jku %s is not on the origin of digime.base_url %s.",
-									 shown(jku), dm_base_url));
+									 dm_shown(jku, DM_SHOWN_MAX), dm_base_url));
 
 	e = cache_lookup(jku);
 	if (!entry_fresh(e))
@@ -311,17 +292,21 @@ dm_verify_response_token(const char *token, DmVerifyState *state)
 		fetched = true;
 	}
 	key = find_key(e, kid);
-	if (key == NULL && !fetched && !state->refetched)
+	verified = key != NULL && dm_jws_verify_ps512(key, &jws);
+	if (!verified && !fetched && !state->refetched)
 	{
+		/* an unknown kid, or a cached key replaced under its kid */
 		state->refetched = true;
 		e = fetch(jku);
 		key = find_key(e, kid);
+		verified = key != NULL && dm_jws_verify_ps512(key, &jws);
 	}
 	if (key == NULL)
 		verification_failed("the token's kid is not in the JWKS",
 							psprintf("kid \"%s\" is not among the %d usable keys at %s.",
-									 shown(kid), e->nkeys, shown(jku)));
-	if (!dm_jws_verify_ps512(key, &jws))
+									 dm_shown(kid, DM_SHOWN_MAX), e->nkeys,
+									 dm_shown(jku, DM_SHOWN_MAX)));
+	if (!verified)
 		verification_failed("the token's signature does not verify", NULL);
 
 	now = (double) time(NULL);

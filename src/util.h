@@ -129,6 +129,18 @@ extern int64 dm_arg_id(FunctionCallInfo fcinfo, int argno, const char *name);
 extern int64 dm_arg_interval_ms(FunctionCallInfo fcinfo, int argno, const char *name);
 
 /* ---------------------------------------------------------------------
+ * shown.c — outside text made safe to repeat in messages
+ * ---------------------------------------------------------------------
+ */
+/*
+ * A palloc'd copy of s with control characters (newlines, terminal escapes)
+ * turned into '?', and every non-ASCII byte too when s is not valid in the
+ * database encoding; cut to at most max bytes (max > 3) of whole
+ * characters, ending in "..." when cut.
+ */
+extern char *dm_shown(const char *s, int max);
+
+/* ---------------------------------------------------------------------
  * redact.c — keeps secrets passed as arguments out of the server log
  * ---------------------------------------------------------------------
  */

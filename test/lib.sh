@@ -146,6 +146,34 @@ dm_start_cluster() {
     export PGHOST="$DM_WORK/socket" PGPORT PGUSER=postgres PGDATABASE=postgres
 }
 
+# The suites' setup: the sandbox with the example contract and a second one,
+# a key file, and a cluster preloading digime (extra postgresql.conf lines in
+# "$@").  Exports what the TAP helpers (test/pylib/dmtest.py) read.
+dm_start_test_setup() {
+    local app=qgEUV8iJENRiUkuYF5lLpdsOv7Hp0biy
+    dm_start_sandbox \
+        --contract "$app:yrg1LktWk2gldVk8atD5Pf7Um4c1LnMs:$DM_ROOT/test/fixtures/digime-example/read-data.key" \
+        --contract "$app:second-contract:$DM_ROOT/test/fixtures/keys/second.pem"
+    DM_SANDBOX_DIR="$DM_WORK/sandbox"
+    dm_make_key_file "$DM_WORK/keys/digime.key"
+    dm_start_cluster \
+        "shared_preload_libraries = 'digime'" \
+        "digime.key_file = '$DM_WORK/keys/digime.key'" \
+        "max_connections = 40" \
+        "$@"
+    export DM_ROOT DM_PG_BIN DM_SANDBOX_DIR
+}
+
+# Writes the environment a client needs to reach the setup to $DM_WORK/env
+# (source it from another shell while the setup runs).
+dm_write_env() {
+    local v
+    for v in PGHOST PGPORT PGUSER PGDATABASE DM_WORK DM_ROOT DM_PG_BIN DM_PGDATA \
+             DM_SANDBOX_URL DM_SANDBOX_PORT DM_SANDBOX_DIR DM_CA_FILE; do
+        printf 'export %s=%q\n' "$v" "${!v}"
+    done >"$DM_WORK/env"
+}
+
 # Stops the cluster of dm_start_cluster cleanly (shutdown code runs too).
 dm_stop_cluster() {
     dm_as_postgres "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -m fast -w -t 60 stop >/dev/null

@@ -26,24 +26,15 @@ dm_build
 dm_workdir
 [ -z "$DM_ASAN" ] || dm_asan_build
 
-APP=qgEUV8iJENRiUkuYF5lLpdsOv7Hp0biy
-dm_start_sandbox \
-    --contract "$APP:yrg1LktWk2gldVk8atD5Pf7Um4c1LnMs:$DM_ROOT/test/fixtures/digime-example/read-data.key" \
-    --contract "$APP:second-contract:$DM_ROOT/test/fixtures/keys/second.pem"
-dm_make_key_file "$DM_WORK/keys/digime.key"
 # Every suite runs with full statement and debug logging: 090_log_hygiene
 # then checks that no secret reached the log.
-dm_start_cluster \
-    "shared_preload_libraries = 'digime'" \
-    "digime.key_file = '$DM_WORK/keys/digime.key'" \
+dm_start_test_setup \
     "log_statement = 'all'" \
     "log_min_messages = debug1" \
     "log_min_error_statement = debug1" \
-    "max_connections = 40" \
     "max_worker_processes = 40" \
     "digime.worker_naptime = 2"
 [ -z "$DM_ASAN" ] || dm_asan_check_server
-export DM_ROOT DM_PG_BIN
 
 failed=0
 dm_log "pg_regress"

@@ -120,20 +120,10 @@ def start_sandbox(directory):
     return p, directory, "https://127.0.0.1:%d" % info["port"]
 
 
-# Bugs found by this fuzzer in files it may not change, reported with a reproduction and
-# still present on main when this was written: a failure matching one is counted and shown
-# as KNOWN, not as a new failure.  Remove an entry when its fix lands.
-KNOWN_ISSUES = [
-    ("K1", "api.c scrub() loops and allocates without bound when a secret (e.g. a callback's "
-           "code \"a\") occurs in \"[redacted]\"; with the fuzzer's address-space cap it ends in 53200",
-     re.compile(r"^digime_handle_callback.* failed with unexpected SQLSTATE 53200")),
-    ("K2", "api.c repeats texts of the answer in messages without making them valid text: scrub() cuts "
-           "the API's error text at 500 bytes (inside a UTF-8 character) and lets bytes >= 0x80 of "
-           "X-Error-* headers through; malformed() repeats the Content-Type raw (control characters, "
-           "invalid UTF-8, any length)",
-     re.compile(r"error text (is not valid UTF-8|has control characters) \(SQLSTATE \w+\): ['\"]"
-                r"(digi\.me API error|digi\.me API answered)")),
-]
+# Known bugs not fixed yet, as (id, description, pattern of the failure message): a failure
+# matching one is counted and shown as KNOWN, not as a new failure.  Remove an entry when
+# its fix lands.
+KNOWN_ISSUES = []
 
 
 class Fuzzer:
