@@ -181,6 +181,28 @@ def deep_nesting():
 
 
 @tap.test
+def jwks_key_replaced():
+    """One JWKS answer with another key under the right kid: the next call, whose signature does
+    not verify with the cached key, fetches the set again instead of failing for the cache TTL."""
+    c = dmtest.connect(DB)
+    q(c, "SET digime.jwks_cache_ttl = 0")
+    hook(None)
+    tap.eq(authorize(c=c), None, "a call with a fresh JWKS")
+
+    def wrong_key(s, ep, ans):
+        if ep == "jwks":
+            ans.body = hostile.dumps({"keys": [s.other_jwk]})
+    hook(wrong_key)
+    expect("an answer checked against a JWKS with another key under its kid", authorize(c=c), "YD011",
+           "could not verify the digi.me API's answer: the token's signature does not verify")
+    hook(None)
+    q(c, "RESET digime.jwks_cache_ttl")     # the wrong key is cached now, for an hour
+    tap.eq([authorize(c=c) for _ in range(2)], [None, None],
+           "the next calls refetch the set once and verify (the wrong key is not kept for the TTL)")
+    c.close()
+
+
+@tap.test
 def numbers_beyond_float8():
     """numeric_float8 raises 22003 where a claim or expiry is out of float8's range."""
     vfail = "could not verify the digi.me API's answer: "
