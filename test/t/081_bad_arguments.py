@@ -404,8 +404,8 @@ def callback_values_in_messages():
            "success with an escape sequence: shown with '?'")
     euro = "%E2%82%AC" * 342                  # 1026 bytes: a cut at 1024 bytes splits a character
     e = dmtest.error(app, "SELECT digime.digime_handle_callback(%s)", (CB + "?success=false&errorCode=" + euro,))
-    tap.eq(e and e[:2], ("YD020", "digi.me authorization failed: " + "\u20ac" * 341),
-           "errorCode of 1026 bytes: cut to 341 whole characters")
+    tap.eq(e and e[:2], ("YD020", "digi.me authorization failed: " + "\u20ac" * 340 + "..."),
+           "errorCode of 1026 bytes: cut to 340 whole characters and \"...\" (1023 bytes)")
     iid = q1(app, "SELECT digime.digime_submit_callback(%s)", (CB + "?success=false&state=t080-inbox&errorCode=" +
                                                              euro + "%0a%1b",))
     q(app, "CALL digime.digime_process_inbox()")
