@@ -67,6 +67,7 @@ claim_key(DmGrant *g, int64 key)
 	LOCKTAG		tag;
 	int64	   *held;
 
+	g->busy_key = key;
 	if (key_held_here(key))
 		return false;
 	key_tag(&tag, key);
@@ -76,6 +77,7 @@ claim_key(DmGrant *g, int64 key)
 		pfree(held);
 		return false;
 	}
+	g->busy_key = 0;
 	*held = key;
 	{
 		MemoryContext old = MemoryContextSwitchTo(TopMemoryContext);
@@ -368,20 +370,28 @@ inbox_failed(DmGrant *g, const ErrorData *e)
 	inbox_notify(g->inbox_id, 0, "failed");
 }
 
+/* A locked token row's status (NULL: no row) that a new pair may update. */
+static bool
+token_usable(const char *status)
+{
+	return status != NULL && strcmp(status, "revoked") != 0;
+}
+
 void
 dm_grant_store(DmGrant *g)
 {
 	DmAudit		audit;
+	char	   *status;
 
 	Assert(g->have_token);
 	switch (g->kind)
 	{
 		case DM_GRANT_CALLBACK:
-			if (g->reauthorize && dm_store_token_lock(g->token_id) &&
+			if (g->reauthorize && token_usable(dm_store_token_lock(g->token_id)) &&
 				dm_store_token_update(g->token_id, &g->token, false, g->account_reference))
 				g->result_token_id = g->token_id;
 			else
-				/* a new authorization, or its token row was deleted meanwhile */
+				/* a new authorization, or its token was deleted or revoked meanwhile */
 				g->result_token_id = dm_store_token_insert(&g->actor, g->contract.contract_id,
 														   &g->token, g->state,
 														   g->account_reference);
@@ -393,8 +403,14 @@ dm_grant_store(DmGrant *g)
 													   &g->token, NULL, NULL);
 			break;
 		case DM_GRANT_REFRESH:
-			if (!dm_store_token_lock(g->token_id) ||
-				!dm_store_token_update(g->token_id, &g->token, true, NULL))
+			status = dm_store_token_lock(g->token_id);
+			if (status != NULL && !token_usable(status))
+				ereport(ERROR,
+						(errcode(ERRCODE_DIGIME_TOKEN_REVOKED),
+						 errmsg("user access token " INT64_FORMAT " was revoked during its refresh",
+								g->token_id),
+						 errdetail("The revocation stands: the pair digi.me issued is discarded.")));
+			if (status == NULL || !dm_store_token_update(g->token_id, &g->token, true, NULL))
 				ereport(ERROR,
 						(errcode(ERRCODE_UNDEFINED_OBJECT),
 						 errmsg("user access token " INT64_FORMAT " was deleted during its refresh",

@@ -51,6 +51,7 @@ typedef struct DmGrant
 	bool		reauthorize;	/* the authorization updates token_id */
 	char	   *secret;			/* code_verifier or refresh token */
 	int64		lock_key;		/* advisory lock held, 0 when none */
+	int64		busy_key;		/* the one another request held (DM_CLAIM_BUSY) */
 	Oid			token_owner;	/* refresh: the token's owner_role */
 	char	   *user_id;		/* refresh: the token's user (sub), or NULL */
 

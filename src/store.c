@@ -585,17 +585,19 @@ dm_store_token_load(const DmActor *a, int64 token_id, bool with_secrets, DmRead 
 }
 
 STMT(st_token_lock,
-	 "SELECT 1 FROM digime.user_tokens WHERE id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE",
+	 "SELECT status FROM digime.user_tokens WHERE id OPERATOR(pg_catalog.=) $1 FOR NO KEY UPDATE",
 	 INT8OID);
 
-bool
+char *
 dm_store_token_lock(int64 token_id)
 {
 	Params		p;
 
 	p_init(&p);
 	p_int8(&p, token_id);
-	return run(&st_token_lock, &p, DM_READ_CURRENT, SPI_OK_SELECT) == 1;
+	if (run(&st_token_lock, &p, DM_READ_CURRENT, SPI_OK_SELECT) != 1)
+		return NULL;
+	return col_text(0, 1);
 }
 
 STMT0(st_token_nextval, "SELECT pg_catalog.nextval('digime.user_tokens_id_seq')");

@@ -94,8 +94,11 @@ typedef enum DmRead
 extern bool dm_store_token_load(const DmActor *a, int64 token_id, bool with_secrets, DmRead read,
 								bool missing_ok, DmStoredToken *out);
 
-/* Locks a token row without waiting; false when another transaction holds it. */
-extern bool dm_store_token_lock(int64 token_id);
+/*
+ * Locks a token row (its status after any wait: active, needs_reauthorization,
+ * revoked), NULL when there is none.
+ */
+extern char *dm_store_token_lock(int64 token_id);
 
 /* Inserts a new token of the actor; returns its id. */
 extern int64 dm_store_token_insert(const DmActor *a, const char *contract_id, const DmUserToken *t,

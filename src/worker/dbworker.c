@@ -371,9 +371,9 @@ count_child(Task *parent, Task *child, bool ok)
 		i = 2;
 	else
 		i = 1;
-	/* an inbox round counts done, failed, retrying */
+	/* an inbox round counts done, failed, retrying (also a store left waiting for its row) */
 	if (parent->kind == TK_INBOX)
-		i = ok ? 0 : (child->grant.inbox_retry ? 2 : 1);
+		i = ok ? 0 : (child->grant.inbox_retry || child->state == TS_STORE ? 2 : 1);
 	parent->counts[i]++;
 	parent->children--;
 	slot_progress(parent);
@@ -466,6 +466,22 @@ lock_wait_failed(Task *t, const char *what, const char *detail)
 			  psprintf("could not obtain %s within digime.worker_lock_timeout", what), detail);
 }
 
+/* Whether the task of this worker that holds claim key only waits for a row to store. */
+static bool
+holder_storing(int64 key)
+{
+	dlist_iter	it;
+
+	dlist_foreach(it, &tasks)
+	{
+		Task	   *o = dlist_container(Task, node, it.cur);
+
+		if (o->kind == TK_GRANT && o->grant.lock_key == key)
+			return o->state == TS_STORE;
+	}
+	return false;
+}
+
 static void
 step_claim(Task *t, TimestampTz now)
 {
@@ -490,10 +506,15 @@ step_claim(Task *t, TimestampTz now)
 			finish(t, true);
 			return;
 		case DM_CLAIM_BUSY:
-			/* a request of this worker for the same row runs: wait for it */
+
+			/*
+			 * a request for the same row runs: wait for it, beyond
+			 * worker_lock_timeout only while its answer may still come
+			 */
 			if (now >= t->deadline &&
-				now >= TimestampTzPlusMilliseconds(t->deadline,
-												   (int64) dm_timeout_ms * (dm_retry_limit + 1)))
+				(holder_storing(t->grant.busy_key) ||
+				 now >= TimestampTzPlusMilliseconds(t->deadline,
+													(int64) dm_timeout_ms * (dm_retry_limit + 1))))
 			{
 				lock_wait_failed(t, "the authorization or token",
 								 "Another request for it is in progress; nothing was sent.");
@@ -556,12 +577,17 @@ step_store(Task *t, TimestampTz now)
 		if (t->deadline == 0 || t->state != TS_STORE)
 			t->deadline = TimestampTzPlusMilliseconds(now, dm_worker_lock_timeout);
 		t->state = TS_STORE;
-		if (now >= t->deadline && t->slot != NULL)
+		if (now >= t->deadline && (t->slot != NULL || t->parent != NULL))
 		{
-			lock_wait_failed(t, "the row of the token",
+			/* whoever waits is answered 55P03; the store goes on, detached */
+			lock_wait_failed(t, t->grant.kind == DM_GRANT_REFRESH ? "the row of the token" :
+							 "the rows of the authorization and its token",
 							 "Another transaction holds it.  digi.me has issued the token: "
 							 "the digime worker stores it as soon as the row is free.");
 			reply(t, false);
+			if (t->parent != NULL)
+				count_child(t->parent, t, false);
+			t->parent = NULL;
 		}
 		t->wake_at = TimestampTzPlusMilliseconds(now, STORE_RETRY_MS);
 		return;
@@ -693,7 +719,9 @@ spawn_child(Task *t)
 		c->args.kind = DM_REQ_REFRESH;
 		c->args.token_id = *id;
 		c->args.within_ms = t->args.within_ms;
-		c->args.audit_action = t->args.audit_action;
+		/* its own copies: a child whose store waits outlives its batch */
+		c->args.audit_action = t->args.audit_action ? pstrdup(t->args.audit_action) : NULL;
+		c->args.actor.end_user = t->args.actor.end_user ? pstrdup(t->args.actor.end_user) : NULL;
 		grant_from_args(c);
 		c->grant.audit_as_owner = t->slot == NULL;
 	}
