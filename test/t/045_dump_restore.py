@@ -12,8 +12,9 @@ completed through the callback inbox), pending authorizations, inbox rows and au
     pg_restore copy the application role completes a full flow, completes a pending authorization
     that came with the dump, and refreshes a token.
 (b) pg_dump by the database's owner (a non-superuser that created nothing of digime) and by an
-    application role: both fail; the exact errors are asserted.  Leaving digime out
-    (--exclude-schema=digime) lets the owner dump, without any of digime's rows.
+    application role: both fail; the exact errors are asserted.  A member of the extension owner
+    fails too unless it has BYPASSRLS.  Leaving digime out (--exclude-schema=digime) lets the
+    owner dump, without any of digime's rows.
 (c) No secret (tokens, codes, verifiers, contract keys, the encryption key) appears in any output
     or in the dump files.
 
@@ -39,6 +40,7 @@ sb.reset(everything=True)
 DB = "t045"
 COPY_PLAIN, COPY_CUSTOM = "t045_plain", "t045_custom"
 ROLE_A, ROLE_B, OWNER = "t045_app_a", "t045_app_b", "t045_owner"
+DBA, DBA_BYPASS = "t045_dba", "t045_dba_bypassrls"      # members of the extension owner, dropped again
 C1, C2 = d.EXAMPLE_CONTRACT, d.SECOND_CONTRACT
 DUMPS = os.path.join(d.WORK, "t045")
 KEY_FILE = os.path.join(d.WORK, "keys", "digime.key")
@@ -46,6 +48,7 @@ KEY_FILE = os.path.join(d.WORK, "keys", "digime.key")
 for r in (ROLE_A, ROLE_B, OWNER):
     d.ensure_role(r, "LOGIN")
 admin = d.fresh_db(DB)
+q(admin, 'DROP ROLE IF EXISTS "%s", "%s"' % (DBA, DBA_BYPASS))      # left by an aborted run
 q(admin, 'ALTER DATABASE "%s" OWNER TO "%s"' % (DB, OWNER))
 q(admin, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
   (C1, d.EXAMPLE_APP, d.fixture_key("digime-example/read-data.key")))
@@ -343,6 +346,25 @@ def owner_and_application_role_cannot_dump():
         hints = [l for l in r.stderr.splitlines() if l.startswith("HINT:")]
         if hints:
             print("# %s: %s" % (what, hints[0]))
+    # roles that have the extension owner's privileges (members of it): without BYPASSRLS the
+    # forced row-level security stops pg_dump (row_security = off), with it the dump is complete
+    ext_owner = q1(admin, "SELECT extowner::regrole::text FROM pg_extension WHERE extname = 'digime'")
+    for role, opts in ((DBA, "LOGIN"), (DBA_BYPASS, "LOGIN BYPASSRLS")):
+        d.ensure_role(role, opts)
+        q(admin, 'GRANT "%s" TO "%s"' % (ext_owner, role))
+    r = pg_dump(DBA)
+    lines = error_lines(r)
+    tap.ok(r.returncode == 1 and lines and lines[0] == "pg_dump: error: query failed: ERROR:  query would be "
+           'affected by row-level security policy for table "audit_log"',
+           "pg_dump as a member of the extension owner (%s) without BYPASSRLS fails on row-level security"
+           % ext_owner, r.stderr[-1500:])
+    r = pg_dump(DBA_BYPASS)
+    n = len(sealed_values(admin))
+    tap.ok(r.returncode == 0 and r.stdout.count("dmenc1:") == n,
+           "pg_dump as a member of the extension owner with BYPASSRLS succeeds, secrets sealed (%d)" % n,
+           r.stderr[-1500:])
+    for role in (DBA, DBA_BYPASS):
+        q(admin, 'DROP ROLE "%s"' % role)
     # what the owner can dump: everything but digime's schema, so none of digime's rows
     r = pg_dump(OWNER, "--exclude-schema=digime")
     tap.ok(r.returncode == 0 and "CREATE EXTENSION IF NOT EXISTS digime" in r.stdout
