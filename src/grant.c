@@ -347,6 +347,7 @@ inbox_failed(DmGrant *g, const ErrorData *e)
 							  e->message,
 							  TimestampTzPlusMilliseconds(GetCurrentTimestamp(), delay_ms),
 							  g->inbox_url);
+		g->inbox_retry = true;
 		return;
 	}
 	dm_store_inbox_finish(g->inbox_id, "failed", 0, unpack_sql_state(e->sqlerrcode),

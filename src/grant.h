@@ -37,6 +37,7 @@ typedef struct DmGrant
 	int64		inbox_id;		/* callback from the inbox, else 0 */
 	const char *inbox_url;		/* its callback URL */
 	int			inbox_attempts; /* attempts before this one */
+	bool		inbox_retry;	/* failed: the row waits for another attempt */
 	const char *contract_id;	/* exchange_code */
 	const char *code_verifier;	/* exchange_code */
 	int64		token_id;		/* refresh */

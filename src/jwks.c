@@ -13,7 +13,9 @@
  *
  * Fetched key sets are cached per backend, keyed by URL, for
  * digime.jwks_cache_ttl seconds; an unknown kid triggers one refetch per
- * call.  Before a call that consumes a one-time code, the set at
+ * call.  At most DM_JWKS_CACHE_MAX URLs are kept: each answer names its jku,
+ * and answers naming ever new URLs on the API's origin must not grow the
+ * backend without bound.  Before a call that consumes a one-time code, the set at
  * {base}jwks/oauth is prefetched so that a JWKS outage does not lose
  * freshly issued tokens.
  *
@@ -30,6 +32,7 @@
 #include "jose.h"
 #include "util.h"
 
+#include "mb/pg_wchar.h"
 #include "utils/memutils.h"
 #include "utils/timestamp.h"
 
@@ -48,6 +51,35 @@ typedef struct JwksEntry
 } JwksEntry;
 
 static List *jwks_cache = NIL;	/* of JwksEntry *, in TopMemoryContext */
+
+/* Key sets (jku URLs) kept at most; the API uses one. */
+#define DM_JWKS_CACHE_MAX 4
+
+/* Longest piece of an answer's header value (alg, jku, kid) repeated in a message. */
+#define DM_SHOWN_MAX 100
+
+/*
+ * A header value of the answer made safe to repeat, as api.c does with the
+ * API's error texts: control characters (newlines, terminal escapes) turned
+ * into '?', cut to DM_SHOWN_MAX bytes of whole characters, "..." when cut.
+ * The value comes from parsed JSON, so it is valid in the database encoding.
+ */
+static char *
+shown(const char *s)
+{
+	int			len = strlen(s);
+	int			cut = pg_mbcliplen(s, len, DM_SHOWN_MAX);
+	char	   *out = palloc(cut + 4);
+
+	memcpy(out, s, cut);
+	out[cut] = '\0';
+	for (unsigned char *c = (unsigned char *) out; *c; c++)
+		if (*c < 0x20 || *c == 0x7f)
+			*c = '?';
+	if (cut < len)
+		strcat(out, "...");
+	return out;
+}
 
 static JwksEntry *
 cache_lookup(const char *url)
@@ -86,6 +118,28 @@ entry_clear_keys(JwksEntry *e)
 	e->nkeys = 0;
 }
 
+/* Drops the entry fetched longest ago. */
+static void
+cache_evict_oldest(void)
+{
+	JwksEntry  *oldest = NULL;
+	ListCell   *lc;
+
+	foreach(lc, jwks_cache)
+	{
+		JwksEntry  *e = lfirst(lc);
+
+		if (oldest == NULL || e->fetched_at < oldest->fetched_at)
+			oldest = e;
+	}
+	if (oldest == NULL)
+		return;
+	jwks_cache = list_delete_ptr(jwks_cache, oldest);
+	entry_clear_keys(oldest);
+	pfree(oldest->url);
+	pfree(oldest);
+}
+
 /* The "keys" array of a JWKS answer; NULL when the body is not a JWKS. */
 static JsonbContainer *
 jwks_keys(const DmHttpResponse *resp)
@@ -110,6 +164,8 @@ cache_store(const char *url, JsonbContainer *keys)
 	e = cache_lookup(url);
 	if (e == NULL)
 	{
+		while (list_length(jwks_cache) >= DM_JWKS_CACHE_MAX)
+			cache_evict_oldest();
 		e = palloc0(sizeof(JwksEntry));
 		e->url = pstrdup(url);
 		jwks_cache = lappend(jwks_cache, e);
@@ -173,13 +229,13 @@ fetch(const char *url)
 		ereport(ERROR,
 				(errcode(ERRCODE_DIGIME_VERIFICATION_FAILED),
 				 errmsg("could not fetch the digi.me JWKS"),
-				 errdetail_internal("GET %s answered HTTP status %ld.", url, resp.status)));
+				 errdetail_internal("GET %s answered HTTP status %ld.", shown(url), resp.status)));
 	keys = jwks_keys(&resp);
 	if (keys == NULL)
 		ereport(ERROR,
 				(errcode(ERRCODE_DIGIME_MALFORMED_RESPONSE),
 				 errmsg("digi.me JWKS is not a JSON object with a \"keys\" array"),
-				 errdetail_internal("GET %s", url)));
+				 errdetail_internal("GET %s", shown(url))));
 	return cache_store(url, keys);
 }
 
@@ -238,7 +294,7 @@ dm_verify_response_token(const char *token, DmVerifyState *state)
 	alg = dm_json_get_string(&jws.header->root, "alg");
 	if (alg == NULL || strcmp(alg, "PS512") != 0)
 		verification_failed("the token is not signed with PS512",
-							psprintf("Header alg is %s.", alg ? alg : "missing"));
+							psprintf("Header alg is %s.", alg ? shown(alg) : "missing"));
 	jku = dm_json_get_string(&jws.header->root, "jku");
 	kid = dm_json_get_string(&jws.header->root, "kid");
 	if (jku == NULL || kid == NULL)
@@ -246,7 +302,7 @@ dm_verify_response_token(const char *token, DmVerifyState *state)
 	if (!dm_url_same_origin(jku, dm_base_url))
 		verification_failed("the token's jku is not on the API's origin",
 							psprintf("jku %s is not on the origin of digime.base_url %s.",
-									 jku, dm_base_url));
+									 shown(jku), dm_base_url));
 
 	e = cache_lookup(jku);
 	if (!entry_fresh(e))
@@ -264,7 +320,7 @@ dm_verify_response_token(const char *token, DmVerifyState *state)
 	if (key == NULL)
 		verification_failed("the token's kid is not in the JWKS",
 							psprintf("kid \"%s\" is not among the %d usable keys at %s.",
-									 kid, e->nkeys, jku));
+									 shown(kid), e->nkeys, shown(jku)));
 	if (!dm_jws_verify_ps512(key, &jws))
 		verification_failed("the token's signature does not verify", NULL);
 

@@ -1040,33 +1040,38 @@ dm_store_audit(const DmAudit *audit)
 
 /*
  * Retention statements: each takes at most $2 rows through a partial index
- * on the time column ($1 = cut-off), so no round reads a whole table.
+ * on the time column ($1 = cut-off), then the rows by primary key (= ANY of
+ * an array: with IN, a generic plan joins against the whole table), so no
+ * round reads a whole table.
  */
 STMT(st_purge_expire,
 	 "UPDATE digime.authorizations SET status = 'expired', code_verifier = NULL, "
 	 "  finished_at = pg_catalog.now() "
-	 "WHERE id IN (SELECT id FROM digime.authorizations "
+	 "WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id FROM digime.authorizations "
 	 "  WHERE status OPERATOR(pg_catalog.=) 'pending' AND expires_at OPERATOR(pg_catalog.<) $1 "
-	 "  ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+	 "  ORDER BY expires_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 	 TIMESTAMPTZOID, INT4OID);
 STMT(st_purge_authorizations,
-	 "DELETE FROM digime.authorizations WHERE id IN (SELECT id FROM digime.authorizations "
+	 "DELETE FROM digime.authorizations WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id "
+	 "  FROM digime.authorizations "
 	 "  WHERE status OPERATOR(pg_catalog.<>) 'pending' AND finished_at OPERATOR(pg_catalog.<) $1 "
-	 "  ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+	 "  ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 	 TIMESTAMPTZOID, INT4OID);
 STMT(st_purge_inbox,
-	 "DELETE FROM digime.callback_inbox WHERE id IN (SELECT id FROM digime.callback_inbox "
+	 "DELETE FROM digime.callback_inbox WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id "
+	 "  FROM digime.callback_inbox "
 	 "  WHERE status OPERATOR(pg_catalog.<>) 'pending' AND finished_at OPERATOR(pg_catalog.<) $1 "
-	 "  ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+	 "  ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 	 TIMESTAMPTZOID, INT4OID);
 STMT(st_purge_tokens,
-	 "DELETE FROM digime.user_tokens WHERE id IN (SELECT id FROM digime.user_tokens "
+	 "DELETE FROM digime.user_tokens WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id "
+	 "  FROM digime.user_tokens "
 	 "  WHERE status OPERATOR(pg_catalog.=) 'revoked' AND updated_at OPERATOR(pg_catalog.<) $1 "
-	 "  ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+	 "  ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
 	 TIMESTAMPTZOID, INT4OID);
 STMT(st_purge_audit,
-	 "DELETE FROM digime.audit_log WHERE id IN (SELECT id FROM digime.audit_log "
-	 "  WHERE at OPERATOR(pg_catalog.<) $1 ORDER BY at LIMIT $2)",
+	 "DELETE FROM digime.audit_log WHERE id OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT id "
+	 "  FROM digime.audit_log WHERE at OPERATOR(pg_catalog.<) $1 ORDER BY at LIMIT $2))",
 	 TIMESTAMPTZOID, INT4OID);
 
 static uint64

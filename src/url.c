@@ -321,6 +321,24 @@ required_callback_param(List *params, const char *name, size_t max)
 	return v;
 }
 
+/*
+ * A callback value that goes into messages (and the callback inbox): the
+ * browser, so anyone, chooses it.  Cut to max bytes of whole characters
+ * (form_decode checked that it is valid text), control characters
+ * (newlines, terminal escapes) turned into '?'.
+ */
+static void
+clean_shown_value(char *v, int max)
+{
+	int			len = strlen(v);
+
+	if (len > max)
+		v[pg_mbcliplen(v, len, max)] = '\0';
+	for (unsigned char *c = (unsigned char *) v; *c; c++)
+		if (*c < 0x20 || *c == 0x7f)
+			*c = '?';
+}
+
 void
 dm_callback_parse(const char *url, DmCallback *out)
 {
@@ -332,15 +350,18 @@ dm_callback_parse(const char *url, DmCallback *out)
 	{
 		out->success = false;
 		out->error_code = callback_param(params, "errorCode");
-		if (out->error_code != NULL && strlen(out->error_code) > DM_MAX_ID_LEN)
-			out->error_code[DM_MAX_ID_LEN] = '\0';
+		if (out->error_code != NULL)
+			clean_shown_value(out->error_code, DM_MAX_ID_LEN);
 		out->state = callback_param(params, "state");
 		return;
 	}
 	if (strcmp(success, "true") != 0)
+	{
+		clean_shown_value(success, 16);
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("callback URL has success=\"%s\"; \"true\" or \"false\" expected", success)));
+	}
 	out->success = true;
 	out->state = required_callback_param(params, "state", DM_MAX_TEXT_ARG);
 	out->code = required_callback_param(params, "code", DM_MAX_TOKEN_LEN);

@@ -44,7 +44,7 @@ dm_install_deps() {
 
 dm_build() {
     dm_log "building and installing digime"
-    make -s -C "$DM_ROOT" PG_CONFIG="$DM_PG_BIN/pg_config" >/dev/null
+    make -s -j"$(nproc)" -C "$DM_ROOT" PG_CONFIG="$DM_PG_BIN/pg_config" >/dev/null
     make -s -C "$DM_ROOT" PG_CONFIG="$DM_PG_BIN/pg_config" install >/dev/null
 }
 
@@ -193,7 +193,7 @@ dm_asan_build() {
     # with_llvm=no: no LLVM bitcode for JIT inlining (it would be uninstrumented;
     # the suites never reach the JIT's cost thresholds anyway), 6 s less
     cppflags=$("$DM_PG_BIN/pg_config" --cppflags | sed -E 's/(^| )-D_FORTIFY_SOURCE=[0-9]+//g')
-    local mk=(make -s -C "$build" PG_CONFIG="$DM_PG_BIN/pg_config" COPT="$DM_ASAN_COPT" CPPFLAGS="$cppflags"
+    local mk=(make -s -j"$(nproc)" -C "$build" PG_CONFIG="$DM_PG_BIN/pg_config" COPT="$DM_ASAN_COPT" CPPFLAGS="$cppflags"
               with_llvm=no)
     "${mk[@]}" clean >/dev/null
     "${mk[@]}" >/dev/null

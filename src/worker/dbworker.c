@@ -57,7 +57,7 @@
 
 PGDLLEXPORT void digime_dbworker_main(Datum arg);
 
-#define SHUTDOWN_GRACE_MS	2000
+#define SHUTDOWN_GRACE_MS	3000
 #define BUSY_RETRY_MS		20
 #define STORE_RETRY_MS		50
 #define PURGE_BATCH			1000
@@ -99,6 +99,7 @@ typedef struct Task
 	ErrorData  *error;			/* the outcome, when failed */
 	int			fail_tries;
 	/* batch and inbox round */
+	bool		periodic;		/* the worker's own inbox round */
 	List	   *todo;			/* int64 * token ids, or DmInboxRow * */
 	int			children;		/* running */
 	int64		counts[4];
@@ -302,8 +303,6 @@ task_from_slot(DmSlot *slot)
 	MemoryContextSwitchTo(old);
 	if (tk == TK_GRANT)
 		grant_from_args(t);
-	if (tk == TK_INBOX)
-		inbox_round_running = true;
 	return t;
 }
 
@@ -374,7 +373,7 @@ count_child(Task *parent, Task *child, bool ok)
 		i = 1;
 	/* an inbox round counts done, failed, retrying */
 	if (parent->kind == TK_INBOX)
-		i = ok ? 0 : (child->state == TS_CLAIM ? 2 : 1);
+		i = ok ? 0 : (child->grant.inbox_retry ? 2 : 1);
 	parent->counts[i]++;
 	parent->children--;
 	slot_progress(parent);
@@ -393,7 +392,7 @@ finish(Task *t, bool ok)
 		}
 		dm_grant_release(&t->grant);
 	}
-	if (t->kind == TK_INBOX && t->parent == NULL)
+	if (t->periodic)
 		inbox_round_running = false;
 	reply(t, ok);
 	if (t->parent != NULL)
@@ -439,18 +438,16 @@ mark_sent(Task *t)
 	SpinLockRelease(&t->slot->mutex);
 }
 
+/* Sets t's error the way ereport would build it, without raising. */
 static void
-lock_wait_failed(Task *t, const char *what, const char *detail)
+set_error(Task *t, int sqlerrcode, const char *msg, const char *detail)
 {
 	MemoryContext old = MemoryContextSwitchTo(t->cxt);
 
-	/* build the ErrorData the way ereport would, without raising */
 	PG_TRY();
 	{
 		ereport(ERROR,
-				(errcode(ERRCODE_LOCK_NOT_AVAILABLE),
-				 errmsg("could not obtain %s within digime.worker_lock_timeout", what),
-				 errdetail("%s", detail)));
+				(errcode(sqlerrcode), errmsg_internal("%s", msg), errdetail_internal("%s", detail)));
 	}
 	PG_CATCH();
 	{
@@ -460,6 +457,13 @@ lock_wait_failed(Task *t, const char *what, const char *detail)
 	}
 	PG_END_TRY();
 	MemoryContextSwitchTo(old);
+}
+
+static void
+lock_wait_failed(Task *t, const char *what, const char *detail)
+{
+	set_error(t, ERRCODE_LOCK_NOT_AVAILABLE,
+			  psprintf("could not obtain %s within digime.worker_lock_timeout", what), detail);
 }
 
 static void
@@ -765,7 +769,7 @@ step_parent(Task *t)
 		t->todo = NIL;
 	}
 	while (t->todo != NIL && t->children < Max(t->args.concurrency, 1) &&
-		   inflight + t->children < dm_worker_max_inflight + t->children)
+		   inflight < dm_worker_max_inflight)
 		spawn_child(t);
 	if (t->todo == NIL && t->children == 0)
 		finish(t, true);
@@ -931,14 +935,7 @@ answer_on_exit(int code, Datum arg)
 					dm_slot_init(s);
 				else
 				{
-					s->reply.ok = false;
-					s->reply.sqlerrcode = ERRCODE_DIGIME_WORKER_LOST;
-					s->reply.used = 0;
-					s->reply.message = 0;
-					strlcpy(s->reply.text, "the digime worker exited before it answered",
-							sizeof(s->reply.text));
-					s->reply.detail = -1;
-					s->reply.hint = -1;
+					dm_reply_set_lost(&s->reply);
 					s->state = SLOT_DONE;
 					caller = s->caller;
 				}
@@ -1006,6 +1003,7 @@ periodic(TimestampTz now)
 	{
 		Task	   *t = task_new(TK_INBOX, NULL, NULL);
 
+		t->periodic = true;
 		t->args.actor.is_admin = true;
 		t->args.concurrency = dm_worker_max_inflight;
 		inbox_round_running = true;
@@ -1078,10 +1076,37 @@ shutdown_done(TimestampTz now)
 		return true;
 	if (now < shutdown_at)
 		return false;
-	/* out of time: abort transfers; their tasks fail and record it */
+	/*
+	 * Out of time: abort the transfers; every grant is recorded as failed and
+	 * answered (grants first: their batch counts them), then the rest.
+	 */
 	dm_http_multi_abort_all();
 	collect_transfers();
-	run_due_steps(now);
+	for (int pass = 0; pass < 2; pass++)
+	{
+		dlist_mutable_iter it;
+
+		dlist_foreach_modify(it, &tasks)
+		{
+			Task	   *t = dlist_container(Task, node, it.cur);
+
+			if ((pass == 0) != (t->kind == TK_GRANT))
+				continue;
+			if (t->grant.have_token)
+				ereport(WARNING,
+						(errmsg("digime worker stops before it could store a token digi.me issued")));
+			set_error(t, ERRCODE_DIGIME_WORKER_LOST, "the digime worker stopped before it answered",
+					  "The server is shutting down, or the database is being dropped or changed; "
+					  "a request that reached digi.me may have been completed there.");
+			if (t->kind == TK_GRANT)
+			{
+				t->fail_tries = 19;		/* record it once, then finish */
+				step_fail(t, now);
+			}
+			else
+				finish(t, false);
+		}
+	}
 	return true;
 }
 
@@ -1136,29 +1161,48 @@ dm_engine_run(DmEngineMode mode, DmSlot *oneshot_slot)
  * ---------------------------------------------------------------------
  */
 
+/* Moves the database's entry from one state to another (if it is in the first). */
+static void
+set_entry_state(Oid dboid, DmDbState from, DmDbState to)
+{
+	DmDbWorker *entry;
+
+	LWLockAcquire(dm_shared->lock, LW_EXCLUSIVE);
+	entry = dm_db_entry(dboid, false);
+	if (entry != NULL && entry->state == from && entry->pid == 0)
+		entry->state = to;
+	LWLockRelease(dm_shared->lock);
+}
+
 void
 digime_dbworker_main(Datum arg)
 {
 	Oid			dboid = DatumGetObjectId(arg);
 	ErrorData  *e = NULL;
 	DmDbWorker *entry;
+	bool		running;
 
 	dm_worker_process_init();
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
 	pgstat_report_appname("digime worker");
 	before_shmem_exit(answer_on_exit, BoolGetDatum(false));
 
-	/* no (current) extension here: say so and leave */
+	/* no (current) extension here: say so and leave until woken */
 	if (!txn_run(NULL, txn_check_extension, &e) || extension_gone)
 	{
-		cancel_before_shmem_exit(answer_on_exit, BoolGetDatum(false));
-		before_shmem_exit(answer_on_exit, BoolGetDatum(true));
+		ereport(DEBUG1,
+				(errmsg("digime worker: no current digime extension in this database"),
+				 e ? errdetail_internal("%s", e->message) : 0));
+		set_entry_state(dboid, DB_STARTING, DB_ABSENT);
+		dm_wake_launcher();
 		proc_exit(0);
 	}
 
+	/* running, unless DROP DATABASE or the like paused the database meanwhile */
 	LWLockAcquire(dm_shared->lock, LW_EXCLUSIVE);
-	entry = dm_db_entry(dboid, true);
-	if (entry != NULL)
+	entry = dm_db_entry(dboid, false);
+	running = entry != NULL && entry->state == DB_STARTING;
+	if (running)
 	{
 		entry->pid = MyProcPid;
 		entry->proc = MyProc;
@@ -1168,8 +1212,8 @@ digime_dbworker_main(Datum arg)
 		entry->since = GetCurrentTimestamp();
 	}
 	LWLockRelease(dm_shared->lock);
-	if (entry == NULL)
-		proc_exit(1);
+	if (!running)
+		proc_exit(0);
 	ereport(DEBUG1, (errmsg("digime worker started")));
 
 	dm_engine_run(DM_ENGINE_DATABASE, NULL);

@@ -137,6 +137,8 @@ extern void dm_worker_restart_at_commit(Oid dboid);
 extern void dm_request_pack(DmRequest *dst, const DmRequestArgs *args);
 extern void dm_request_unpack(const DmRequest *src, DmRequestArgs *out);
 extern void dm_reply_set_error(DmSlotReply *r, const ErrorData *e);
+/* The answer of a request whose worker exited (YD040); no allocation, for exit callbacks. */
+extern void dm_reply_set_lost(DmSlotReply *r);
 
 /* dbworker.c: the engine */
 typedef enum DmEngineMode

@@ -102,13 +102,7 @@ oneshot_exit(int code, Datum arg)
 	SpinLockAcquire(&s->mutex);
 	if (s->state == SLOT_TAKEN && !s->abandoned)
 	{
-		s->reply.ok = false;
-		s->reply.sqlerrcode = ERRCODE_DIGIME_WORKER_LOST;
-		s->reply.used = 0;
-		s->reply.message = 0;
-		strlcpy(s->reply.text, "the digime worker exited before it answered", sizeof(s->reply.text));
-		s->reply.detail = -1;
-		s->reply.hint = -1;
+		dm_reply_set_lost(&s->reply);
 		s->state = SLOT_DONE;
 		caller = s->caller;
 	}

@@ -254,3 +254,15 @@ dm_reply_set_error(DmSlotReply *r, const ErrorData *e)
 	r->detail = put_text(r, e->detail);
 	r->hint = put_text(r, e->hint);
 }
+
+void
+dm_reply_set_lost(DmSlotReply *r)
+{
+	r->ok = false;
+	r->sqlerrcode = ERRCODE_DIGIME_WORKER_LOST;
+	r->used = 0;
+	r->message = put_text(r, "the digime worker exited before it answered");
+	r->detail = put_text(r, "A request that reached digi.me may have been completed there; "
+						 "its result was not stored.");
+	r->hint = -1;
+}

@@ -303,11 +303,33 @@ def connect(dbname="postgres", user="postgres", **kw):
     return conn
 
 
+def discard_database_tokens(name, connect_to=None):
+    """Tells 088 that the tokens stored in database name go with it (before a DROP DATABASE)."""
+    connect_to = connect_to or connect
+    try:
+        c = connect_to(name)
+    except psycopg2.Error:
+        return      # no such database
+    try:
+        if q1(c, "SELECT count(*) FROM pg_extension WHERE extname = 'digime' AND extversion <> '1.0'"):
+            discard_tokens(stored_access_tokens(c))
+    finally:
+        c.close()
+
+
+def drop_database(admin, name, force=False):
+    """DROP DATABASE [IF EXISTS] name [WITH (FORCE)] after telling 088 that its tokens go with it.
+    Returns the error (psycopg2.Error) or None."""
+    discard_database_tokens(name)
+    return error(admin, 'DROP DATABASE %s"%s"%s' % ("IF EXISTS " if force else "", name,
+                                                    " WITH (FORCE)" if force else ""))
+
+
 def fresh_db(name, extension=True):
     """Drops and creates a database (with the extension) and returns a superuser connection."""
     admin = connect()
+    drop_database(admin, name, force=True)
     cur = admin.cursor()
-    cur.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
     cur.execute('CREATE DATABASE "%s"' % name)
     admin.close()
     conn = connect(name)
@@ -446,6 +468,13 @@ def closed_port():
     return port
 
 
+def proc_cpu_ticks(pid):
+    """utime + stime of a process, in clock ticks (/proc/PID/stat)."""
+    with open("/proc/%d/stat" % pid) as f:
+        rest = f.read().rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])
+
+
 def proc_status_kb(pid, field):
     """A kB field (VmRSS, RssAnon, ...) of /proc/PID/status (readable as root)."""
     with open("/proc/%d/status" % pid) as f:
@@ -535,6 +564,19 @@ def free_port():
     return port
 
 
+def pg_config(option):
+    return subprocess.run([os.path.join(PG_BIN, "pg_config"), option], check=True,
+                          stdout=subprocess.PIPE, text=True).stdout.strip()
+
+
+def run_as_postgres(wrap, *cmd, timeout=120):
+    """as_postgres(*cmd) started through the command prefix wrap (run as root), unchecked."""
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
+    return subprocess.run(list(wrap) + ["runuser", "-u", "postgres", "--"] + list(cmd), env=env,
+                          timeout=timeout, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, cwd="/")
+
+
 def as_postgres(*cmd, check=True, timeout=120):
     """Runs a command as user postgres (via runuser) without proxies; returns CompletedProcess."""
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy")}
@@ -582,8 +624,9 @@ class Cluster:
             "log_min_error_statement": "debug1",
         }
         self.running = False
+        self.library = None     # another digime.so for this server only (see start)
 
-    def init(self):
+    def init(self, initdb=True):
         import atexit
         import shutil
         import signal
@@ -603,6 +646,8 @@ class Cluster:
             os.chmod(d, 0o700)
         open(self.log, "w").close()
         shutil.chown(self.log, "postgres", "postgres")
+        if not initdb:
+            return self
         as_postgres(os.path.join(PG_BIN, "initdb"), "-D", self.data, "-A", "trust", "-U", "postgres",
                     "--no-sync", "-E", "UTF8", "--locale=C")
         with open(os.path.join(self.data, "postgresql.conf"), "a") as f:
@@ -629,10 +674,19 @@ class Cluster:
             return f.read()
 
     def start(self, expect_failure=False, check=True):
-        """Starts the server; returns True when it runs.  With check, raises on an unexpected outcome."""
+        """Starts the server; returns True when it runs.  With check, raises on an unexpected outcome.
+
+        With self.library set (a path), the server runs in a mount namespace of its own in
+        which that file is bind-mounted over the installed digime.so: another build of the
+        library for this server only (070_upgrade runs 1.0 this way)."""
         self.write_settings()
-        r = as_postgres("env", *server_env(), os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-l", self.log,
-                        "-w", "-t", "30", "start", check=False)
+        wrap = []
+        if self.library:
+            installed = os.path.join(pg_config("--pkglibdir"), "digime.so")
+            wrap = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                    'mount --bind "$1" "$2" && shift 2 && exec "$@"', "sh", self.library, installed]
+        r = run_as_postgres(wrap, "env", *server_env(), os.path.join(PG_BIN, "pg_ctl"), "-D", self.data,
+                            "-l", self.log, "-w", "-t", "30", "start")
         self.running = r.returncode == 0
         if check and self.running == expect_failure:
             fatal = [l for l in self.log_text().splitlines()[-200:] if " FATAL: " in l or " PANIC: " in l]
@@ -649,11 +703,7 @@ class Cluster:
                                           "AND NOT datistemplate")]
             admin.close()
             for db in dbs:
-                c = self.connect(db)
-                if q1(c, "SELECT count(*) FROM pg_extension WHERE extname = 'digime' "
-                         "AND extversion <> '1.0'"):
-                    discard_tokens(stored_access_tokens(c))
-                c.close()
+                discard_database_tokens(db, self.connect)
         except Exception:
             pass
 
@@ -664,6 +714,47 @@ class Cluster:
             as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-m", "fast", "-w", "stop",
                         check=False)
         self.running = False
+
+    def pg_ctl_stop(self, mode="fast", timeout=60):
+        """pg_ctl stop -m MODE -w, timed: returns (exit code, seconds, output)."""
+        t0 = time.time()
+        r = as_postgres(os.path.join(PG_BIN, "pg_ctl"), "-D", self.data, "-m", mode, "-w",
+                        "-t", str(timeout), "stop", check=False, timeout=timeout + 30)
+        dt = time.time() - t0
+        if r.returncode == 0:
+            self.running = False
+        return r.returncode, dt, r.stdout
+
+    def postmaster_pid(self):
+        """The postmaster's pid (first line of postmaster.pid), or None."""
+        try:
+            with open(os.path.join(self.data, "postmaster.pid")) as f:
+                return int(f.readline())
+        except (OSError, ValueError):
+            return None
+
+    def try_connect(self, dbname="postgres", user="postgres"):
+        """A connection, or None while the server does not accept one (e.g. during crash recovery)."""
+        try:
+            return self.connect(dbname, user)
+        except psycopg2.Error:
+            return None
+
+    def wait_accepting(self, dbname="postgres", timeout=30):
+        """Waits until the server accepts connections; returns (connection or None, seconds)."""
+        return wait_for(lambda: self.try_connect(dbname), timeout, 0.05)
+
+    def make_standby(self, name):
+        """A streaming standby of this (running) cluster, made with pg_basebackup -R: a new
+        Cluster with this one's settings on its own port and socket (not yet started)."""
+        sb = Cluster(name).init(initdb=False)
+        as_postgres(os.path.join(PG_BIN, "pg_basebackup"), "-D", sb.data, "-R", "-X", "stream",
+                    "-c", "fast", "-h", self.socket, "-p", str(self.port), "-U", "postgres")
+        sb.settings = dict(self.settings)
+        # postgresql.conf came with the copy: the included file overrides port and socket
+        sb.settings["port"] = sb.port
+        sb.settings["unix_socket_directories"] = sb.socket
+        return sb
 
     def restart(self, expect_failure=False, check=True):
         self.stop()
@@ -718,3 +809,78 @@ SECRET_MIN_LEN = 12     # shorter values are placeholders ("code", "verifier") t
 def find_secrets(text, secrets):
     """The secrets (of at least SECRET_MIN_LEN characters) of which some needle occurs in text."""
     return [s for s in secrets if len(s) >= SECRET_MIN_LEN and any(n in text for n in secret_needles(s))]
+
+
+# --------------------------------------------------------------------------
+# Waiting and the worker layer (060, 065, 070)
+# --------------------------------------------------------------------------
+def wait_for(fn, timeout=10.0, interval=0.05):
+    """Calls fn until it returns a true value: returns (that value, seconds waited), or
+    (None, seconds) after timeout.  An exception counts as not yet."""
+    t0 = time.time()
+    while True:
+        try:
+            v = fn()
+        except Exception:
+            v = None
+        if v:
+            return v, time.time() - t0
+        if time.time() - t0 >= timeout:
+            return None, time.time() - t0
+        time.sleep(interval)
+
+
+def extra_cluster(name, settings=None, library=None, start=True):
+    """A new extra Cluster (see Cluster): the main cluster's settings updated with settings
+    (a value None removes a setting), optionally another digime.so, started unless start=False.
+    Stop it with cl.stop() (also done at exit)."""
+    cl = Cluster(name).init()
+    for k, v in (settings or {}).items():
+        if v is None:
+            cl.settings.pop(k, None)
+        else:
+            cl.settings[k] = v
+    cl.library = library
+    if start:
+        cl.start()
+    return cl
+
+
+ACTIVITY_COLS = ("pid", "backend_type", "datname", "application_name", "wait_event_type",
+                 "wait_event", "state")
+
+
+def activity(conn, where="backend_type LIKE 'digime%%'"):
+    """Rows of pg_stat_activity (as dicts of ACTIVITY_COLS), by default digime's processes."""
+    rows = q(conn, "SELECT %s FROM pg_stat_activity WHERE %s ORDER BY pid"
+             % (", ".join(ACTIVITY_COLS), where))
+    return [dict(zip(ACTIVITY_COLS, r)) for r in rows]
+
+
+def launcher_pid(conn):
+    """The digime launcher's pid, or None."""
+    return q1(conn, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'digime launcher'")
+
+
+def db_worker_pid(conn, dbname):
+    """The pid of the per-database digime worker of dbname (not a one-shot worker), or None."""
+    return q1(conn, "SELECT pid FROM pg_stat_activity WHERE backend_type = 'digime worker' "
+                    "AND application_name = 'digime worker' AND datname = %s", (dbname,))
+
+
+def wait_db_worker(conn, dbname, timeout=10, other_than=None):
+    """Waits for the database worker of dbname (a pid other than other_than): (pid or None, seconds)."""
+    def ready():
+        pid = db_worker_pid(conn, dbname)
+        return pid if pid and pid != other_than else None
+    return wait_for(ready, timeout, 0.02)
+
+
+def wait_no_db_worker(conn, dbname, timeout=10):
+    """Waits until dbname has no database worker: (True or None, seconds)."""
+    return wait_for(lambda: db_worker_pid(conn, dbname) is None, timeout, 0.02)
+
+
+def log_worker_starts(log_text, dboid):
+    """How often the log says the launcher started a worker for database dboid (DEBUG1)."""
+    return log_text.count('starting background worker process "digime worker for database %d"' % dboid)
