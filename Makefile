@@ -13,6 +13,11 @@ SHLIB_LINK  = -lcurl -lcrypto
 REGRESS      = setup contracts authorize_url callback errors security
 REGRESS_OPTS = --inputdir=. --outputdir=test/results --load-extension=digime
 
+# isolation specs (specs/*.spec, expected/*.out), run by installcheck after REGRESS, in their own
+# database; they reach the sandbox through the server's digime.onboard_url and digime.ca_file
+ISOLATION      = callback_twice refresh_refresh refresh_revoke rotate_authorize batch_refresh
+ISOLATION_OPTS = --outputdir=test/results/isolation --load-extension=digime
+
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)

@@ -37,9 +37,11 @@ dm_start_test_setup \
 [ -z "$DM_ASAN" ] || dm_asan_check_server
 
 failed=0
-dm_log "pg_regress"
+dm_log "pg_regress, then the isolation specs"
+rm -f "$DM_ROOT/test/results/regression.diffs" "$DM_ROOT/test/results/isolation/regression.diffs"
 if ! make -s -C "$DM_ROOT" PG_CONFIG="$DM_PG_BIN/pg_config" installcheck; then
-    cat "$DM_ROOT/test/results/regression.diffs" >&2 || true
+    cat "$DM_ROOT/test/results/regression.diffs" "$DM_ROOT/test/results/isolation/regression.diffs" \
+        >&2 2>/dev/null || true
     failed=1
 fi
 
