@@ -386,6 +386,25 @@ def refresh_rejected_then_reauthorize():
 
 
 @tap.test
+def reauthorize_revoked_meanwhile():
+    """A token revoked while its reauthorization is under way stays revoked: the pair digi.me
+    issues for the reauthorization is stored in a new row."""
+    tok = dmtest.full_authorization(conn, sb, C1, state="revoked-meanwhile")
+    tid = tok["id"]
+    url = q1(conn, "SELECT url FROM digime.digime_reauthorize_url(%s, %s, %s)",
+             (tid, "https://cb.example/reauth", "revoked-meanwhile-re"))
+    location = sb.follow(url)
+    dmtest.revoke_token(conn, tid)
+    res = handle_callback(location)
+    tap.ok(res["id"] != tid, "the callback stores the new pair in a new row (%s, not %s)" % (res["id"], tid))
+    tap.eq(q(conn, "SELECT status, access_token IS NULL FROM digime.user_tokens WHERE id = %s", (tid,)),
+           [("revoked", True)], "the revoked token stays revoked, without secrets")
+    new = dmtest.token_json(conn, res["id"])
+    pair = pair_for(new["accessToken"]["value"])
+    tap.ok(pair is not None and pair["state"] == "valid", "the new row holds the pair digi.me issued")
+
+
+@tap.test
 def exchange_code_low_level():
     url, verifier, _ = dmtest.authorize(conn, C1, state="low-level-1")
     location = sb.follow(url)
