@@ -188,8 +188,9 @@ def cancel_terminate_disconnect():
 
         th = threading.Thread(target=run)
         th.start()
-        time.sleep(0.5)
-        wait = q(conn, "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,))
+        wait, _ = dmtest.wait_for(lambda: q(conn, "SELECT wait_event_type FROM pg_stat_activity "
+                                                  "WHERE pid = %s AND wait_event_type = 'Extension'", (pid,)),
+                                  timeout=1.5)
         tap.eq(wait, [("Extension",)], "%s: the caller waits on the worker (wait event Extension)" % how)
         if how == "cancel":
             q(conn, "SELECT pg_cancel_backend(%s)", (pid,))
