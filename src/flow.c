@@ -380,13 +380,7 @@ handle_callback_body(DmCall *call)
 	DmReply		r;
 
 	dm_callback_parse(url, &cb);
-	if (!cb.success)
-		ereport(ERROR,
-				(errcode(ERRCODE_DIGIME_CALLBACK_ERROR),
-				 errmsg("digi.me authorization failed: %s",
-						cb.error_code ? cb.error_code : "no errorCode"),
-				 errdetail("The callback reported success=false, errorCode \"%s\".",
-						   cb.error_code ? cb.error_code : "")));
+	dm_callback_check_success(&cb);
 	/* the worker finds, checks and claims the authorization, and audits */
 	call->audit.action = NULL;
 	memset(&a, 0, sizeof(a));

@@ -355,6 +355,18 @@ dm_callback_parse(const char *url, DmCallback *out)
 						DM_MAX_ID_LEN)));
 }
 
+void
+dm_callback_check_success(const DmCallback *cb)
+{
+	if (!cb->success)
+		ereport(ERROR,
+				(errcode(ERRCODE_DIGIME_CALLBACK_ERROR),
+				 errmsg("digi.me authorization failed: %s",
+						cb->error_code ? cb->error_code : "no errorCode"),
+				 errdetail("The callback reported success=false, errorCode \"%s\".",
+						   cb->error_code ? cb->error_code : "")));
+}
+
 char *
 dm_callback_without_code(const char *url)
 {

@@ -89,6 +89,9 @@ typedef struct DmCallback
  */
 extern void dm_callback_parse(const char *url, DmCallback *out);
 
+/* Raises YD020 (message and DETAIL with errorCode) for a callback with success=false. */
+extern void dm_callback_check_success(const DmCallback *cb);
+
 /* Copy of a callback URL with the value of its "code" parameter removed. */
 extern char *dm_callback_without_code(const char *url);
 

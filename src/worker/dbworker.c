@@ -741,13 +741,7 @@ spawn_child(Task *t)
 		PG_TRY();
 		{
 			dm_callback_parse(r->callback_url, &cb);
-			if (!cb.success)
-				ereport(ERROR,
-						(errcode(ERRCODE_DIGIME_CALLBACK_ERROR),
-						 errmsg("digi.me authorization failed: %s",
-								cb.error_code ? cb.error_code : "no errorCode"),
-						 errdetail("The callback reported success=false, errorCode \"%s\".",
-								   cb.error_code ? cb.error_code : "")));
+			dm_callback_check_success(&cb);
 			c->grant.state = cb.state;
 			c->grant.code = cb.code;
 			c->grant.account_reference = cb.account_reference;

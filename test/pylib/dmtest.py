@@ -339,6 +339,12 @@ def fresh_db(name, extension=True):
     return conn
 
 
+def add_example_contract(conn):
+    """Registers digi.me's published example contract (test/fixtures/digime-example)."""
+    q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
+      (EXAMPLE_CONTRACT, EXAMPLE_APP, fixture_key("digime-example/read-data.key")))
+
+
 def ensure_role(name, *options):
     admin = connect()
     cur = admin.cursor()
@@ -828,6 +834,11 @@ def wait_for(fn, timeout=10.0, interval=0.05):
         if time.time() - t0 >= timeout:
             return None, time.time() - t0
         time.sleep(interval)
+
+
+def wait_value(fn, timeout=10.0):
+    """wait_for's value alone (None after timeout)."""
+    return wait_for(fn, timeout)[0]
 
 
 def extra_cluster(name, settings=None, library=None, start=True):

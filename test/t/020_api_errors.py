@@ -24,8 +24,7 @@ conn = dmtest.fresh_db(DB)
 APP = dmtest.EXAMPLE_APP
 C1 = dmtest.EXAMPLE_CONTRACT
 C2 = dmtest.SECOND_CONTRACT
-q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-  (C1, APP, dmtest.fixture_key("digime-example/read-data.key")))
+dmtest.add_example_contract(conn)
 q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
   (C2, APP, dmtest.fixture_key("keys/second.pem")))
 # every verification fetches the JWKS: "no JWKS request" below then means "not even tried"

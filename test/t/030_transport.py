@@ -20,8 +20,7 @@ sb.reset(everything=True)
 DB = "t030"
 conn = dmtest.fresh_db(DB)
 C1 = dmtest.EXAMPLE_CONTRACT
-q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-  (C1, dmtest.EXAMPLE_APP, dmtest.fixture_key("digime-example/read-data.key")))
+dmtest.add_example_contract(conn)
 CB = "https://cb.example/transport"
 AUTH_SQL = "SELECT url, code_verifier FROM digime.digime_authorize_url(%s, %s, %s)"
 _n = [0]

@@ -27,7 +27,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "pylib"))
 import dmtest as d  # noqa: E402
@@ -50,8 +49,7 @@ for r in (ROLE_A, ROLE_B, OWNER):
 admin = d.fresh_db(DB)
 q(admin, 'DROP ROLE IF EXISTS "%s", "%s"' % (DBA, DBA_BYPASS))      # left by an aborted run
 q(admin, 'ALTER DATABASE "%s" OWNER TO "%s"' % (DB, OWNER))
-q(admin, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-  (C1, d.EXAMPLE_APP, d.fixture_key("digime-example/read-data.key")))
+d.add_example_contract(admin)
 q(admin, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
   (C2, d.EXAMPLE_APP, d.fixture_key("keys/second.pem")))
 q(admin, "SELECT digime.digime_grant_contract(%s, %s)", (C1, ROLE_A))
@@ -85,14 +83,6 @@ def pg_dump(role, *args):
                os.path.join(d.PG_BIN, "pg_dump"), "-U", role, "-d", DB, *args)
 
 
-def wait_for(pred, timeout=15.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return None
 
 
 # --------------------------------------------------------------------------
@@ -169,8 +159,8 @@ _url, _, _ = d.authorize(conn_b, C2, state="t045-b2")
 _loc = sb.follow(_url)
 d.record_secret(dict(d.query_pairs(_loc)).get("code"))
 INBOX_ID = q1(conn_b, "SELECT digime.digime_submit_callback(%s)", (_loc,))
-B2 = wait_for(lambda: q1(conn_b, "SELECT token_id FROM digime.callback_inbox WHERE id = %s AND status = 'done'",
-                         (INBOX_ID,)))
+B2 = d.wait_value(lambda: q1(conn_b, "SELECT token_id FROM digime.callback_inbox WHERE id = %s AND status = 'done'",
+                             (INBOX_ID,)), 15)
 # pending authorizations: role A's is completed later in a copy, role B's stays pending
 PENDING_URL, _, _ = d.authorize(conn_a, C1, state="t045-pending-a")
 d.authorize(conn_b, C2, state="t045-pending-b")

@@ -22,8 +22,7 @@ sb.reset(everything=True)
 DB = "t055"
 conn = dmtest.fresh_db(DB)
 C1 = dmtest.EXAMPLE_CONTRACT
-q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-  (C1, dmtest.EXAMPLE_APP, dmtest.fixture_key("digime-example/read-data.key")))
+dmtest.add_example_contract(conn)
 _n = [0]
 
 
@@ -45,14 +44,6 @@ def stored_access_tokens():
     return {dmtest.token_json(conn, i)["accessToken"]["value"]: i for i in ids}
 
 
-def wait_for(pred, timeout=10.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return None
 
 
 def last_issued():
@@ -164,7 +155,7 @@ def statement_timeout_during_exchange():
     tap.ok(dt < 2.0, "... within 2 s (%.2f s)" % dt)
     tap.match(err and err[2], r"goes on in the digime worker.*the same callback URL again returns",
               "DETAIL: the request goes on, and where its result appears")
-    row = wait_for(lambda: n_tokens() == n0 + 1, 10)
+    row = dmtest.wait_value(lambda: n_tokens() == n0 + 1, 10)
     tap.ok(row, "the token row appears when digi.me answers")
     tap.ok(last_issued()["access_token"] in stored_access_tokens(), "with the issued values")
     q(c, "RESET statement_timeout")
@@ -201,7 +192,7 @@ def cancel_terminate_disconnect():
         th.join(10)
         if how == "cancel":
             tap.eq(res.get("err") and res["err"][0], "57014", "cancel: 57014")
-        tap.ok(wait_for(lambda: n_tokens() == n0 + 1, 10), "%s: the token row appears" % how)
+        tap.ok(dmtest.wait_value(lambda: n_tokens() == n0 + 1, 10), "%s: the token row appears" % how)
         tap.ok(last_issued()["access_token"] in stored_access_tokens(), "%s: with the issued values" % how)
         try:
             c.close()
@@ -266,7 +257,7 @@ def lock_waits_end_in_55P03():
     tap.eq(err and err[0], "55P03", "a row locked by another transaction: 55P03 for the caller")
     tap.ok(dt < 3.0, "... after digime.worker_lock_timeout (%.2f s)" % dt)
     q(holder, "ROLLBACK")
-    after = wait_for(lambda: (lambda t: t if t["accessToken"]["value"] != before["accessToken"]["value"] else None)(
+    after = dmtest.wait_value(lambda: (lambda t: t if t["accessToken"]["value"] != before["accessToken"]["value"] else None)(
         dmtest.token_json(conn, tid)), 10)
     tap.ok(after and after["accessToken"]["value"] == last_issued()["access_token"],
            "once the row is free the refreshed pair is stored")

@@ -48,11 +48,6 @@ def main_log(since):
         return f.read()
 
 
-def add_example_contract(conn):
-    q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-      (C, d.EXAMPLE_APP, d.fixture_key("digime-example/read-data.key")))
-
-
 def pending_callback(conn, st):
     """An authorization whose consent page was passed: its callback URL (not yet handled)."""
     url, _, _ = d.authorize(conn, C, state=st)
@@ -158,7 +153,7 @@ def drop_and_create_extension():
     figure("worker start after CREATE EXTENSION again", "%.2f s" % dt)
     tap.ok(pid is not None and dt < NAPTIME + 1,
            "CREATE EXTENSION again: a new worker within digime.worker_naptime (%.2f s)" % dt)
-    add_example_contract(a)
+    d.add_example_contract(a)
     tok = d.full_authorization(a, sb, C, state="t060a-1")
     tap.ok(tok["id"] is not None and sb_valid(access_token(a, tok["id"])),
            "a full flow works there (token row stored, its access token valid at digi.me)")
@@ -250,7 +245,7 @@ def drop_rename_template():
     q(root, "CREATE DATABASE t060d")
     c = d.connect("t060d")
     q(c, "CREATE EXTENSION digime")
-    add_example_contract(c)
+    d.add_example_contract(c)
     pid, _ = d.wait_db_worker(root, "t060d", timeout=NAPTIME + 8)
     loc = pending_callback(c, "t060d-1")
     sb.fault(endpoint="oauth/token", action="hang", seconds=20)
@@ -291,7 +286,7 @@ def drop_rename_template():
     tap.ok(back is not None and dt1 < NAPTIME + 1, "the template's worker comes back (%.2f s)" % dt1)
     tap.ok(copy is not None, "the copy (which has the extension) gets a worker of its own")
     c = d.connect("t060t")
-    add_example_contract(c)
+    d.add_example_contract(c)
     tok = d.full_authorization(c, sb, C, state="t060t-1")
     tap.ok(sb_valid(access_token(c, tok["id"])), "a full flow works in the copy")
     c.close()
@@ -306,7 +301,7 @@ def drop_rename_template():
 @tap.test
 def worker_memory_flat():
     conn = d.fresh_db("t060m")
-    add_example_contract(conn)
+    d.add_example_contract(conn)
     root = d.connect()
     toks = [d.full_authorization(conn, sb, C, state="t060m-%d" % i)["id"] for i in range(20)]
     pid, _ = d.wait_db_worker(root, "t060m", timeout=NAPTIME + 8)
@@ -359,7 +354,7 @@ def extra_cluster_setup():
     w = cl.connect("w")
     q(w, "SET client_min_messages = error")
     q(w, "CREATE EXTENSION digime")
-    add_example_contract(w)
+    d.add_example_contract(w)
     state["tok"] = d.full_authorization(w, sb, C, state="t060w-1")["id"]
     pid, dt = d.wait_db_worker(root, "w", timeout=NAPTIME + 8)
     tap.ok(pid is not None and d.launcher_pid(root) is not None, "extra cluster: launcher and worker of w run")
@@ -636,7 +631,7 @@ def without_preload():
     c = cl.connect("np")
     q(c, "SET client_min_messages = error")
     q(c, "CREATE EXTENSION digime")
-    add_example_contract(c)
+    d.add_example_contract(c)
     since = cl.log_size()
     tok = d.full_authorization(c, sb, C, state="t060np-1")["id"]
     q(c, "SELECT id FROM digime.digime_refresh_token(%s)", (tok,))

@@ -74,8 +74,7 @@ def setup():
     q(root, "CREATE DATABASE s")
     c = p.connect("s")
     q(c, "CREATE EXTENSION digime")
-    q(c, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-      (C, d.EXAMPLE_APP, d.fixture_key("digime-example/read-data.key")))
+    d.add_example_contract(c)
     state["tok"] = d.full_authorization(c, sb, C, state="t065-1")["id"]
     state["pending"] = pending(c, "t065-2")
     worker, _ = d.wait_db_worker(root, "s", timeout=NAPTIME + 8)

@@ -20,8 +20,7 @@ DB = "t075"
 conn = dmtest.fresh_db(DB)
 APP = dmtest.EXAMPLE_APP
 C1 = dmtest.EXAMPLE_CONTRACT
-q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-  (C1, APP, dmtest.fixture_key("digime-example/read-data.key")))
+dmtest.add_example_contract(conn)
 ROLE_A, ROLE_B = "t075_app_a", "t075_app_b"
 for r in (ROLE_A, ROLE_B):
     dmtest.ensure_role(r, "LOGIN")
@@ -43,14 +42,6 @@ def callback_url(c=None, st=None):
     return loc
 
 
-def wait_for(pred, timeout=15.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        v = pred()
-        if v:
-            return v
-        time.sleep(0.05)
-    return None
 
 
 def inbox_row(c, iid):
@@ -60,7 +51,7 @@ def inbox_row(c, iid):
 
 
 def inbox_finished(c, iid, timeout=15.0):
-    return wait_for(lambda: (lambda r: r if r and r[0] != "pending" else None)(inbox_row(c, iid)), timeout)
+    return dmtest.wait_value(lambda: (lambda r: r if r and r[0] != "pending" else None)(inbox_row(c, iid)), timeout)
 
 
 def minted_tokens(n, c=None, expires_in="1 minute"):
@@ -178,7 +169,7 @@ def inbox_failures():
     sb.fault(endpoint="oauth/token", action="error", status=503, code="ServiceUnavailable",
              message="try later", count=2 * 3)  # retry_limit 2: three attempts per round
     iid = q1(conn_a, "SELECT digime.digime_submit_callback(%s)", (loc,))
-    row = wait_for(lambda: (lambda r: r if r and r[4] >= 1 else None)(inbox_row(conn_a, iid)), 20)
+    row = dmtest.wait_value(lambda: (lambda r: r if r and r[4] >= 1 else None)(inbox_row(conn_a, iid)), 20)
     tap.ok(row and row[0] == "pending" and row[2] == "YD000" and "code=" in row[5] and "code=&" not in row[5],
            "a 503: pending again, SQLSTATE recorded, the code kept for the retry", row)
     row = inbox_finished(conn_a, iid, 30)
@@ -367,7 +358,7 @@ def automatic_refresh():
     q(conn, "ALTER DATABASE t075 SET digime.auto_refresh_within = '5min'")
     q(conn, "ALTER DATABASE t075 SET digime.auto_refresh_interval = '1s'")
     try:
-        done = wait_for(lambda: all(current_access(t) != before[t] for t in ids), 20)
+        done = dmtest.wait_value(lambda: all(current_access(t) != before[t] for t in ids), 20)
         tap.ok(done, "with digime.auto_refresh on (ALTER DATABASE ... SET) the worker refreshes them")
         tap.eq(q1(conn, "SELECT count(*) FROM digime.audit_log WHERE action = 'refresh_automatic' "
                         "AND token_id = ANY(%s) AND outcome = 'ok'", (ids,)), 3,
@@ -412,7 +403,7 @@ def retention():
     q(conn, "UPDATE digime.authorizations SET expires_at = now() - interval '1 second' WHERE state = %s", (st,))
     q(conn, "ALTER DATABASE t075 SET digime.authorization_retention = '1s'")
     try:
-        gone = wait_for(lambda: q1(conn, "SELECT count(*) FROM digime.authorizations WHERE state = %s",
+        gone = dmtest.wait_value(lambda: q1(conn, "SELECT count(*) FROM digime.authorizations WHERE state = %s",
                                    (st,)) == 0, 20)
         tap.ok(gone, "the worker expires and deletes it by itself")
     finally:

@@ -57,8 +57,7 @@ DB = "t086"
 conn = dmtest.fresh_db(DB)
 C = dmtest.EXAMPLE_CONTRACT
 CB = "https://cb.example/t086"
-q(conn, "SELECT * FROM digime.digime_add_contract(%s, %s, %s)",
-  (C, dmtest.EXAMPLE_APP, dmtest.fixture_key("digime-example/read-data.key")))
+dmtest.add_example_contract(conn)
 _n = [0]
 
 
