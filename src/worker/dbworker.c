@@ -1064,6 +1064,20 @@ periodic(TimestampTz now)
 	}
 }
 
+/*
+ * Whether t waits for something the loop sees happen (a transfer or a child
+ * ends), not for a time: its wake_at must not make the loop spin.
+ */
+static bool
+waits_for_event(const Task *t)
+{
+	if (t->state == TS_IN_FLIGHT || t->state == TS_CHILDREN)
+		return true;
+	/* a request of a backend beyond digime.worker_max_inflight (run_due_steps) */
+	return t->kind == TK_GRANT && t->state == TS_CLAIM && t->parent == NULL &&
+		inflight >= dm_worker_max_inflight;
+}
+
 static long
 next_timeout(TimestampTz now)
 {
@@ -1076,7 +1090,7 @@ next_timeout(TimestampTz now)
 	{
 		Task	   *t = dlist_container(Task, node, it.cur);
 
-		if (t->state == TS_IN_FLIGHT)
+		if (waits_for_event(t))
 			continue;
 		ms = Min(ms, t->wake_at <= now ? 0 :
 				 TimestampDifferenceMilliseconds(now, t->wake_at));
