@@ -25,7 +25,7 @@
 #   --cpu-calls N        cpu, rows: calls per function (1000), in --cpu-rounds R (4) or
 #                        --rows-rounds R (4) rounds; --oneshot-calls N: without the preload (200)
 #   --floor-seconds S --floor-repeats R   cpu: the floor's main measurement (0.5 s x 5)
-#   --rows N             rows: synthetic rows per table (100000)
+#   --rows N             rows: synthetic rows per table (100000); --rows-idle S (12)
 #   --rss-calls N        rss: authorizes and refreshes (20000; 100000 for the long run),
 #                        --rss-warmup N (500), --rss-tokens N refreshed in turn (100)
 #   --tokens N           batch: tokens (2000); --concurrency L (1,4,8,16)
