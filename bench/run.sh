@@ -19,7 +19,7 @@
 #   profile    perf profile of the backend and the worker (skipped without perf)
 #   all        all of the above (profile only when perf is installed)
 #
-# Options (the defaults finish `all` in about 8 minutes on this 2-core machine):
+# Options (the defaults finish `all` in about 5 minutes on this 2-core machine):
 #   --calls N            latency: calls per figure (200); --sdk-calls N: the SDK's (= --calls)
 #   --scenario-calls N   scenarios: bench.py's calls (200)
 #   --cpu-calls N        cpu, rows: calls per function (1000), in --cpu-rounds R (4) or

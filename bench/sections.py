@@ -1198,7 +1198,7 @@ set xtics (%s)
 set yrange [0:*]
 set offsets 0, 0, graph 0.08, 0
 set grid
-set key outside right top vertical
+set key outside below center horizontal maxrows 1 spacing 1.5
 plot '%s' using 1:3 with linespoints lw 2 pt 7 title "sandbox ceiling (ceiling.py)", \\
      '' using 1:2 with linespoints lw 2 pt 5 title "digime_refresh_expiring (labels: %% of the ceiling)", \\
      '' using 1:2:(sprintf("%%.0f %%%%", $5)) with labels offset 0,1 notitle, \\
