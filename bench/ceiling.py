@@ -3,7 +3,7 @@
 
     /usr/bin/python3 bench/ceiling.py --url https://127.0.0.1:PORT --ca DIR/ca.pem \
         --key CONTRACT_KEY.pem --app APPID --contract CONTRACTID [--tokens 2000] \
-        [--concurrency 1,4,8,16]
+        [--concurrency 1,4,8,16] [--sandbox-pid PID]
 
 For each concurrency level C it mints --tokens fresh pairs (POST /_sandbox/mint),
 signs one refresh JWT per pair exactly as digime does (header {"alg":"PS512","typ":"JWT"},
@@ -18,7 +18,9 @@ still share the machine's cores with the sandbox, so on a small machine the figu
 lower bound of what the sandbox alone could do.
 
 Prints one line per level (tokens/s = 201 answers per second of wall time, median and p90
-latency) and finally one JSON line with every figure.  A sandbox without /_sandbox/mint
+latency) and finally one JSON line with every figure: per level also machine_busy (the busy
+share of all CPUs during the run, from /proc/stat, steal time included) and, with
+--sandbox-pid, sandbox_cpu_ms_per_request (the sandbox process's CPU from /proc).  A sandbox without /_sandbox/mint
 (older versions) is fed through the real flow instead (authorize, onboarding page, code
 exchange), which is slower to set up but measures the same thing.
 """
@@ -189,7 +191,24 @@ def worker(api, jwts, counter, barrier, results):
         results.put((start, end, lat, statuses))
 
 
-def run_level(api, jwts, c):
+def proc_cpu_s(pid):
+    """utime + stime of a process in seconds (/proc/PID/stat), or None."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def machine_ticks():
+    """(busy, total) ticks of all CPUs (/proc/stat; busy includes steal, excludes idle and iowait)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v[:8]) - v[3] - v[4], sum(v[:8])
+
+
+def run_level(api, jwts, c, sandbox_pid=None):
     ctx = multiprocessing.get_context("fork")  # the JWT list is inherited, not pickled
     counter = ctx.Value("l", 0)
     barrier = ctx.Barrier(c + 1)
@@ -200,7 +219,9 @@ def run_level(api, jwts, c):
         p.start()
     barrier.wait()
     t0 = time.monotonic()
+    cpu0, m0 = (proc_cpu_s(sandbox_pid) if sandbox_pid else None), machine_ticks()
     got = [results.get() for _ in procs]
+    cpu1, m1 = (proc_cpu_s(sandbox_pid) if sandbox_pid else None), machine_ticks()
     for p in procs:
         p.join()
     if any(g[1] is None for g in got):
@@ -212,7 +233,10 @@ def run_level(api, jwts, c):
         for k, v in g[3].items():
             statuses[str(k)] = statuses.get(str(k), 0) + v
     ok = statuses.get("201", 0)
-    return {"concurrency": c, "requests": len(lat), "ok": ok,
+    extra = {"machine_busy": round((m1[0] - m0[0]) / max(m1[1] - m0[1], 1), 3)}
+    if cpu0 is not None and cpu1 is not None and lat:
+        extra["sandbox_cpu_ms_per_request"] = round((cpu1 - cpu0) * 1000 / len(lat), 3)
+    return {**extra, "concurrency": c, "requests": len(lat), "ok": ok,
             "statuses": statuses, "seconds": round(wall, 3),
             "tokens_per_s": round(ok / wall, 1) if wall > 0 else None,
             "median_ms": round(statistics.median(lat) * 1000, 2) if lat else None,
@@ -228,6 +252,8 @@ def main():
     ap.add_argument("--contract", required=True, help="contract id")
     ap.add_argument("--tokens", type=int, default=2000, help="refreshes per level")
     ap.add_argument("--concurrency", default="1,4,8,16", help="comma-separated levels")
+    ap.add_argument("--sandbox-pid", type=int, default=None,
+                    help="also report the sandbox process's CPU per request (from /proc)")
     ap.add_argument("--register", action="store_true",
                     help="(re-)register the contract even if the sandbox knows it")
     args = ap.parse_args()
@@ -269,7 +295,7 @@ def main():
             jwts = signer.map(_sign_refresh, [(client_id, r) for r in refresh_tokens],
                               chunksize=64)
         sign_s = time.monotonic() - t
-        res = run_level(api, jwts, c)
+        res = run_level(api, jwts, c, args.sandbox_pid)
         res["sign_seconds"] = round(sign_s, 2)
         report.append(res)
         print("C=%-3d %8.1f tokens/s  median %7.2f ms  p90 %7.2f ms  %d/%d ok  (%.1f s)"
