@@ -358,6 +358,31 @@ reply(Task *t, bool ok)
 		SetLatch(&caller->procLatch);
 }
 
+/*
+ * Parks a task that can go on only when a grant ends (a batch with all its
+ * children running, a request beyond digime.worker_max_inflight): the loop
+ * does not wake for it until then.
+ */
+static void
+park(Task *t)
+{
+	t->wake_at = DT_NOEND;
+}
+
+static void
+wake_parked(void)
+{
+	dlist_iter	it;
+
+	dlist_foreach(it, &tasks)
+	{
+		Task	   *t = dlist_container(Task, node, it.cur);
+
+		if (t->wake_at == DT_NOEND)
+			t->wake_at = 0;
+	}
+}
+
 static void
 count_child(Task *parent, Task *child, bool ok)
 {
@@ -377,6 +402,7 @@ count_child(Task *parent, Task *child, bool ok)
 	parent->counts[i]++;
 	parent->children--;
 	slot_progress(parent);
+	wake_parked();
 }
 
 static void
@@ -391,6 +417,7 @@ finish(Task *t, bool ok)
 			inflight--;
 		}
 		dm_grant_release(&t->grant);
+		wake_parked();
 	}
 	if (t->periodic)
 		inbox_round_running = false;
@@ -795,6 +822,8 @@ step_parent(Task *t)
 		spawn_child(t);
 	if (t->todo == NIL && t->children == 0)
 		finish(t, true);
+	else
+		park(t);
 }
 
 static void
@@ -868,8 +897,10 @@ run_due_steps(TimestampTz now)
 		switch (t->kind)
 		{
 			case TK_GRANT:
-				if (t->state == TS_CLAIM &&
-					(t->parent != NULL || inflight < dm_worker_max_inflight))
+				if (t->state == TS_CLAIM && t->parent == NULL &&
+					inflight >= dm_worker_max_inflight)
+					park(t);
+				else if (t->state == TS_CLAIM)
 					step_claim(t, now);
 				else if (t->state == TS_STORE)
 					step_store(t, now);
@@ -1064,20 +1095,6 @@ periodic(TimestampTz now)
 	}
 }
 
-/*
- * Whether t waits for something the loop sees happen (a transfer or a child
- * ends), not for a time: its wake_at must not make the loop spin.
- */
-static bool
-waits_for_event(const Task *t)
-{
-	if (t->state == TS_IN_FLIGHT || t->state == TS_CHILDREN)
-		return true;
-	/* a request of a backend beyond digime.worker_max_inflight (run_due_steps) */
-	return t->kind == TK_GRANT && t->state == TS_CLAIM && t->parent == NULL &&
-		inflight >= dm_worker_max_inflight;
-}
-
 static long
 next_timeout(TimestampTz now)
 {
@@ -1090,7 +1107,7 @@ next_timeout(TimestampTz now)
 	{
 		Task	   *t = dlist_container(Task, node, it.cur);
 
-		if (waits_for_event(t))
+		if (t->state == TS_IN_FLIGHT || t->wake_at == DT_NOEND)
 			continue;
 		ms = Min(ms, t->wake_at <= now ? 0 :
 				 TimestampDifferenceMilliseconds(now, t->wake_at));
