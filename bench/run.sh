@@ -110,26 +110,9 @@ dm_start_cluster "shared_preload_libraries = 'digime'" "digime.key_file = '$DM_W
 # autovacuum off, so that the only children of its postmaster that exit during the
 # cpu section are the one-shot workers.
 if wants latency cpu; then
-    dir=$DM_WORK/nopreload
-    install -d -m 755 "$dir"
-    install -d -o postgres -g postgres -m 700 "$dir/data" "$dir/socket"
-    BENCH_NP_DATA=$dir/data
-    dm_as_postgres "$DM_PG_BIN/initdb" -D "$BENCH_NP_DATA" -A trust -U postgres \
-        --no-sync -E UTF8 --locale=C >"$dir/initdb.log" 2>&1
-    BENCH_NP_PORT=$(dm_free_port)
-    {
-        echo "port = $BENCH_NP_PORT"
-        echo "listen_addresses = ''"
-        echo "unix_socket_directories = '$dir/socket'"
-        echo "fsync = off"
-        echo "autovacuum = off"
-        echo "digime.base_url = '$DM_SANDBOX_URL/v1.7/'"
-        echo "digime.onboard_url = '$DM_SANDBOX_URL/apps/saas/'"
-        echo "digime.ca_file = '$DM_CA_FILE'"
-    } >>"$BENCH_NP_DATA/postgresql.conf"
-    install -o postgres -g postgres -m 644 /dev/null "$dir/postgres.log"
-    dm_as_postgres "$DM_PG_BIN/pg_ctl" -D "$BENCH_NP_DATA" -l "$dir/postgres.log" -w start >/dev/null
-    export BENCH_NP_HOST="$dir/socket" BENCH_NP_PORT
+    BENCH_NP_DATA=$DM_WORK/nopreload/pgdata    # for bench_cleanup
+    dm_new_cluster "$DM_WORK/nopreload" "autovacuum = off"
+    export BENCH_NP_HOST="$DM_WORK/nopreload/socket" BENCH_NP_PORT=$DM_CLUSTER_PORT
 fi
 
 export DM_ROOT

@@ -35,6 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "test", "pylib"))
 import psycopg2  # noqa: E402
 
 import dmtest  # noqa: E402
+from dmtest import q, q1  # noqa: E402
 
 WORK = os.environ.get("DM_WORK", "/tmp")
 APP, CONTRACT = "bench-app", "bench-contract"
@@ -160,17 +161,6 @@ def clusters():
     if os.environ.get("BENCH_NP_PORT"):
         np_ = Cluster("no-preload", os.environ["BENCH_NP_HOST"], os.environ["BENCH_NP_PORT"], False)
     return pre, np_
-
-
-def q(conn, sql, args=None):
-    cur = conn.cursor()
-    cur.execute(sql, args)
-    return cur.fetchall() if cur.description else None
-
-
-def q1(conn, sql, args=None):
-    rows = q(conn, sql, args)
-    return rows[0][0] if rows else None
 
 
 def setup_db(cl, db):

@@ -152,16 +152,25 @@ digime_drop_contract(PG_FUNCTION_ARGS)
 	return dm_call_run(fcinfo, "drop_contract", true, drop_contract_body);
 }
 
+/* The (contract_id, role) arguments of grant and revoke, audited; enters the call. */
+static char *
+contract_role_args(DmCall *call, Oid *role)
+{
+	char	   *contract_id = dm_arg_text(call->fcinfo, 0, "contract_id");
+
+	*role = role_arg(call->fcinfo, 1);
+	call->audit.contract_id = contract_id;
+	call->audit.reference = GetUserNameFromId(*role, false);
+	dm_call_enter(call);
+	return contract_id;
+}
+
 static Datum
 grant_contract_body(DmCall *call)
 {
-	FunctionCallInfo fcinfo = call->fcinfo;
-	char	   *contract_id = dm_arg_text(fcinfo, 0, "contract_id");
-	Oid			role = role_arg(fcinfo, 1);
+	Oid			role;
+	char	   *contract_id = contract_role_args(call, &role);
 
-	call->audit.contract_id = contract_id;
-	call->audit.reference = GetUserNameFromId(role, false);
-	dm_call_enter(call);
 	dm_store_grant_add(contract_id, role);
 	dm_store_role_privileges(role, true);
 	PG_RETURN_VOID();
@@ -176,13 +185,9 @@ digime_grant_contract(PG_FUNCTION_ARGS)
 static Datum
 revoke_contract_body(DmCall *call)
 {
-	FunctionCallInfo fcinfo = call->fcinfo;
-	char	   *contract_id = dm_arg_text(fcinfo, 0, "contract_id");
-	Oid			role = role_arg(fcinfo, 1);
+	Oid			role;
+	char	   *contract_id = contract_role_args(call, &role);
 
-	call->audit.contract_id = contract_id;
-	call->audit.reference = GetUserNameFromId(role, false);
-	dm_call_enter(call);
 	dm_store_grant_remove(contract_id, role);
 	if (!dm_store_role_has_grants(role))
 		dm_store_role_privileges(role, false);

@@ -118,32 +118,41 @@ dm_make_key_file() {
     chmod 600 "$file"
 }
 
-# Starts a cluster in $DM_WORK/pgdata; extra postgresql.conf lines in "$@".
-# Sets PGHOST/PGPORT/PGUSER/PGDATABASE for the rest of the script.
-dm_start_cluster() {
-    DM_PGDATA="$DM_WORK/pgdata"
-    export DM_PGDATA
-    install -d -o postgres -g postgres -m 700 "$DM_PGDATA" "$DM_WORK/socket"
-    dm_as_postgres "$DM_PG_BIN/initdb" -D "$DM_PGDATA" -A trust -U postgres \
-        --no-sync -E UTF8 --locale=C >"$DM_WORK/initdb.log" 2>&1
-    PGPORT=$(dm_free_port)
+# Initializes and starts a cluster in DIR (DIR/pgdata, DIR/socket,
+# DIR/postgres.log) pointed at the sandbox; extra postgresql.conf lines in
+# "$@".  Sets DM_CLUSTER_PORT.
+dm_new_cluster() {
+    local dir=$1
+    shift
+    [ -d "$dir" ] || install -d -m 755 "$dir"
+    install -d -o postgres -g postgres -m 700 "$dir/pgdata" "$dir/socket"
+    dm_as_postgres "$DM_PG_BIN/initdb" -D "$dir/pgdata" -A trust -U postgres \
+        --no-sync -E UTF8 --locale=C >"$dir/initdb.log" 2>&1
+    DM_CLUSTER_PORT=$(dm_free_port)
     {
-        echo "port = $PGPORT"
+        echo "port = $DM_CLUSTER_PORT"
         echo "listen_addresses = ''"
-        echo "unix_socket_directories = '$DM_WORK/socket'"
+        echo "unix_socket_directories = '$dir/socket'"
         echo "fsync = off"
         echo "digime.base_url = '$DM_SANDBOX_URL/v1.7/'"
         echo "digime.onboard_url = '$DM_SANDBOX_URL/apps/saas/'"
         echo "digime.ca_file = '$DM_CA_FILE'"
         for line in "$@"; do echo "$line"; done
-    } >>"$DM_PGDATA/postgresql.conf"
-    touch "$DM_WORK/postgres.log"
-    chown postgres:postgres "$DM_WORK/postgres.log"
+    } >>"$dir/pgdata/postgresql.conf"
+    install -o postgres -g postgres -m 644 /dev/null "$dir/postgres.log"
     local senv=()
     mapfile -t senv < <(dm_server_env)
-    dm_as_postgres env "${senv[@]}" "$DM_PG_BIN/pg_ctl" -D "$DM_PGDATA" -l "$DM_WORK/postgres.log" \
+    dm_as_postgres env "${senv[@]}" "$DM_PG_BIN/pg_ctl" -D "$dir/pgdata" -l "$dir/postgres.log" \
         -w start >/dev/null
-    export PGHOST="$DM_WORK/socket" PGPORT PGUSER=postgres PGDATABASE=postgres
+}
+
+# Starts the cluster in $DM_WORK (dm_new_cluster); extra postgresql.conf lines
+# in "$@".  Sets PGHOST/PGPORT/PGUSER/PGDATABASE for the rest of the script.
+dm_start_cluster() {
+    DM_PGDATA="$DM_WORK/pgdata"
+    export DM_PGDATA
+    dm_new_cluster "$DM_WORK" "$@"
+    export PGHOST="$DM_WORK/socket" PGPORT=$DM_CLUSTER_PORT PGUSER=postgres PGDATABASE=postgres
 }
 
 # The suites' setup: the sandbox with the example contract and a second one,

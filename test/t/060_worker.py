@@ -362,6 +362,24 @@ def extra_cluster_setup():
     root.close()
 
 
+def refresh_in_background(cl, tok):
+    """digime_refresh_token(tok) in database w of cl, in a thread: (thread, result), where
+    result["e"] becomes None on success or (SQLSTATE, message)."""
+    res = {}
+
+    def refresh():
+        c = cl.connect("w")
+        try:
+            q(c, "SELECT id FROM digime.digime_refresh_token(%s)", (tok,))
+            res["e"] = None
+        except psycopg2.Error as e:
+            res["e"] = (e.pgcode, str(e).strip())
+
+    th = threading.Thread(target=refresh)
+    th.start()
+    return th, res
+
+
 @tap.test
 def fast_stop_in_flight():
     cl = state["cl"]
@@ -370,18 +388,7 @@ def fast_stop_in_flight():
     before = d.token_json(w, tok)
     sb.fault(endpoint="oauth/token", action="hang", seconds=20)
     s0 = sb.last_seq()
-    res = {}
-
-    def refresh():
-        c = cl.connect("w")
-        try:
-            q(c, "SELECT id FROM digime.digime_refresh_token(%s)", (tok,))
-            res["ok"] = True
-        except psycopg2.Error as e:
-            res["err"] = (e.pgcode, str(e).strip())
-
-    th = threading.Thread(target=refresh)
-    th.start()
+    th, res = refresh_in_background(cl, tok)
     hung = wait_hang(s0)
     w.close()
     rc, dt, out = cl.pg_ctl_stop("fast")
@@ -389,7 +396,7 @@ def fast_stop_in_flight():
     figure("pg_ctl stop -m fast with a request in flight", "%.2f s" % dt)
     tap.ok(hung and rc == 0 and dt < 5,
            "pg_ctl stop -m fast with a token request in flight returns within 5 s (%.2f s)" % dt, out)
-    tap.ok("err" in res and not th.is_alive(), "the waiting caller got an error", repr(res))
+    tap.ok(res.get("e") is not None and not th.is_alive(), "the waiting caller got an error", repr(res))
     cl.start()
     w = cl.connect("w")
     tap.eq(d.token_json(w, tok), before, "after the restart the token is unchanged")
@@ -412,18 +419,7 @@ def slow_refresh_while_stopping(stop, label):
     sb.fault(endpoint="oauth/token", action="delay", seconds=2)
     s0 = sb.last_seq()
     n_issued = refreshes_issued()
-    res = {}
-
-    def refresh():
-        c = cl.connect("w")
-        try:
-            q(c, "SELECT id FROM digime.digime_refresh_token(%s)", (tok,))
-            res["e"] = None
-        except psycopg2.Error as e:
-            res["e"] = (e.pgcode, str(e).strip())
-
-    th = threading.Thread(target=refresh)
-    th.start()
+    th, res = refresh_in_background(cl, tok)
     d.wait_for(lambda: sb.requests(s0), timeout=5)
     w.close()
     stop()
